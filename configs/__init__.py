@@ -1,0 +1,1 @@
+"""Hydra configs of lightning_idlg (installed as a package so the app finds them anywhere)."""

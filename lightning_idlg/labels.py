@@ -1,0 +1,47 @@
+"""iDLG label extraction from the shared gradient of the last Linear layer (batch size 1).
+
+With cross-entropy and one-hot label c, the gradient w.r.t. logit i is g_i = softmax_i - [i == c]: only
+g_c is negative. For y = W a + b: grad_b = g and row i of grad_W is g_i * a. Three rules follow:
+- `bias`: argmin grad_b (exact whenever the layer has a bias);
+- `weight_sum`: argmin_i sum_k grad_W[i, k] (the reference script's rule; needs a >= 0, e.g. sigmoid or
+  ReLU features);
+- `inner_product`: grad_W[i] . grad_W[j] = g_i g_j |a|^2 is negative exactly when one of i, j is c, so c
+  is the row whose inner product with every other row is <= 0 (the paper's Algorithm 1; no sign
+  assumption on a; needs at least 3 classes to be unambiguous).
+"""
+
+from __future__ import annotations
+
+import torch
+
+LABEL_RULES = ("bias", "weight_sum", "inner_product")
+
+
+def extract_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, rule: str) -> torch.Tensor:
+    """Labels (K,) from the last layer's shared gradients: weight (K, C, F), bias (K, C) or None."""
+    if rule == "bias":
+        if bias_grad is None:
+            raise ValueError("label_rule=bias needs a last Linear layer with a bias; use weight_sum or "
+                             "inner_product")
+        return bias_grad.argmin(dim=-1)
+    if rule == "weight_sum":
+        return weight_grad.sum(dim=-1).argmin(dim=-1)
+    if rule == "inner_product":
+        return _inner_product_rule(weight_grad)
+    raise ValueError(f"label_rule={rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
+
+
+def _inner_product_rule(weight_grad: torch.Tensor) -> torch.Tensor:
+    """O(C F) form of Algorithm 1. Take a pivot row r (the largest, so never a zero row). Rows with a
+    negative inner product with r have the opposite sign of g_r. If r is c, every other row is negative;
+    if r is not c, only row c is. So: exactly one negative row -> it is c; otherwise c = r."""
+    num_classes = weight_grad.shape[-2]
+    if num_classes < 3:
+        raise ValueError("label_rule=inner_product needs at least 3 classes (with 2 both rows qualify); "
+                         "use bias or weight_sum")
+    trials = torch.arange(weight_grad.shape[0], device=weight_grad.device)
+    pivot = weight_grad.norm(dim=-1).argmax(dim=-1)                       # (K,)
+    products = torch.einsum("kcf,kf->kc", weight_grad, weight_grad[trials, pivot])
+    negative = products < 0
+    single = negative.sum(dim=-1) == 1
+    return torch.where(single, negative.float().argmax(dim=-1), pivot)
