@@ -132,7 +132,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     if logger is not None:
         logger.finalize("success")
     summary = write_summary(run_dir, store.records())
-    print_summary(summary, console)
+    print_summary(summary, Console())  # the result goes to stdout; progress went to stderr
     return summary
 
 
