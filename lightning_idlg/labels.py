@@ -34,7 +34,8 @@ def extract_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, rul
 def _inner_product_rule(weight_grad: torch.Tensor) -> torch.Tensor:
     """O(C F) form of Algorithm 1. Take a pivot row r (the largest, so never a zero row). Rows with a
     negative inner product with r have the opposite sign of g_r. If r is c, every other row is negative;
-    if r is not c, only row c is. So: exactly one negative row -> it is c; otherwise c = r."""
+    if r is not c, only row c is. So: exactly one negative row -> it is c; otherwise c = r (or, with no
+    negative row, the one zero row: g_c rounded to 0, see below)."""
     num_classes = weight_grad.shape[-2]
     if num_classes < 3:
         raise ValueError("label_rule=inner_product needs at least 3 classes (with 2 both rows qualify); "
@@ -44,4 +45,10 @@ def _inner_product_rule(weight_grad: torch.Tensor) -> torch.Tensor:
     products = torch.einsum("kcf,kf->kc", weight_grad, weight_grad[trials, pivot])
     negative = products < 0
     single = negative.sum(dim=-1) == 1
-    return torch.where(single, negative.float().argmax(dim=-1), pivot)
+    label = torch.where(single, negative.float().argmax(dim=-1), pivot)
+    # A confident network can round g_c = softmax_c - 1 to exactly 0 in float32 while the other g_i are
+    # not 0: then no product is negative, and the zero row c is the only row whose product with every
+    # other row is <= 0 (the pivot qualifies only when it is the sole positive row).
+    zero = products == 0
+    lone_zero = ~negative.any(dim=-1) & (zero.sum(dim=-1) == 1) & ((products > 0).sum(dim=-1) >= 2)
+    return torch.where(lone_zero, zero.float().argmax(dim=-1), label)

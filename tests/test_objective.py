@@ -1,0 +1,160 @@
+"""The gradient-matching objective D and the soft cross-entropy, against hand numbers and a plain
+per-trial nn.Module + torch.autograd.grad(create_graph=True) + F.cross_entropy reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_idlg.client import soft_cross_entropy, stack_victims
+from lightning_idlg.objective import batched_distance, gradient_distance
+from lightning_idlg.victim import LeNet, make_victim
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors, many small ops: one intra-op thread is as fast and far less sensitive to a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- D by hand -------------------------------------------------------------------------------------
+
+
+def test_gradient_distance_by_hand():
+    dummy = {"conv.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "conv.bias": torch.tensor([0.5]),
+             "fc.weight": torch.tensor([[[-1.0]]])}
+    shared = {"conv.weight": torch.tensor([[1.0, 0.0], [0.0, 4.0]]), "conv.bias": torch.tensor([-0.5]),
+              "fc.weight": torch.tensor([[[2.0]]])}
+    # (0 + 2^2 + 3^2 + 0) + 1^2 + (-3)^2 = 23: a plain sum over every tensor, no normalization
+    d = gradient_distance(dummy, shared)
+    assert d.shape == () and d.item() == 23.0
+    assert gradient_distance(shared, shared).item() == 0.0
+    doubled = {n: 2 * g for n, g in dummy.items()}
+    assert gradient_distance(doubled, {n: 2 * g for n, g in shared.items()}).item() == 92.0  # 4 x 23
+    # every tensor counts: dropping one from both sides removes exactly its term
+    assert gradient_distance({n: dummy[n] for n in ("conv.weight", "conv.bias")},
+                             {n: shared[n] for n in ("conv.weight", "conv.bias")}).item() == 14.0
+
+
+# --- batched D against a per-trial autograd loop ------------------------------------------------------
+
+K, CLASSES, SIDE = 3, 10, 16
+
+
+def _setup(dtype):
+    victims = [make_victim(LeNet, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=40 + s).to(dtype)
+               for s in range(K)]
+    weights = stack_victims(victims)
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(K, 3, SIDE, SIDE, generator=g).to(dtype)
+    labels = torch.randint(CLASSES, (K,), generator=g)
+    dummy = torch.randn(K, 3, SIDE, SIDE, generator=g).to(dtype)
+    dummy_logits = torch.randn(K, CLASSES, generator=g).to(dtype)
+    # the shared gradients, by the plain route: module, F.cross_entropy, autograd
+    shared = {n: torch.empty_like(w) for n, w in weights.items()}
+    for k, net in enumerate(victims):
+        loss = F.cross_entropy(net(images[k:k + 1]), labels[k:k + 1])
+        for (n, _), gr in zip(net.named_parameters(), torch.autograd.grad(loss, list(net.parameters()))):
+            shared[n][k] = gr
+    return victims, weights, shared, images, labels, dummy, dummy_logits
+
+
+def _reference(net, shared_k, x, target):
+    """D for one trial and its gradient w.r.t. x (and the label logits), the ordinary way. target: a
+    class index (iDLG) or label logits l' (DLG: soft target softmax(l'))."""
+    x = x.clone().requires_grad_()
+    inputs = [x]
+    if target.is_floating_point():
+        logits = target.clone().requires_grad_()
+        inputs.append(logits)
+        loss = F.cross_entropy(net(x[None]), torch.softmax(logits, -1)[None])  # probabilities as target
+    else:
+        loss = F.cross_entropy(net(x[None]), target[None])
+    names = [n for n, _ in net.named_parameters()]
+    grads = torch.autograd.grad(loss, list(net.parameters()), create_graph=True)
+    d = sum(((gr - shared_k[n]) ** 2).sum() for n, gr in zip(names, grads))
+    return d.detach(), [t.detach() for t in torch.autograd.grad(d, inputs)]
+
+
+def _close(a, b, rtol):
+    return float((a - b).abs().max()) <= rtol * float(b.abs().max())
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("method", ["idlg", "dlg"])
+def test_batched_distance_equals_per_trial_loop(method, dtype, rtol):
+    victims, weights, shared, images, labels, dummy, dummy_logits = _setup(dtype)
+    x = dummy.clone().requires_grad_()
+    if method == "idlg":
+        probs = F.one_hot(labels, CLASSES).to(dtype)
+        inputs = [x]
+    else:
+        logits = dummy_logits.clone().requires_grad_()
+        probs = torch.softmax(logits, -1)
+        inputs = [x, logits]
+    d = batched_distance(victims[0])(weights, shared, x, probs)
+    assert d.shape == (K,)
+    grads = torch.autograd.grad(d.sum(), inputs, retain_graph=True)
+    for k in range(K):
+        target = labels[k] if method == "idlg" else dummy_logits[k]
+        ref_d, ref_grads = _reference(victims[k], {n: g[k] for n, g in shared.items()}, dummy[k], target)
+        assert abs(float(d[k].detach()) - float(ref_d)) <= rtol * float(ref_d), (k, float(d[k].detach()), float(ref_d))
+        for got, ref in zip(grads, ref_grads):
+            assert _close(got[k], ref, rtol), (k, float((got[k] - ref).abs().max()), float(ref.abs().max()))
+    assert float(d.detach().min()) > 1e-3  # a random dummy is far from matching
+    # no coupling: trial 0's D does not depend on the other trials' dummies
+    g0 = torch.autograd.grad(d[0], x)[0]
+    assert float(g0[0].abs().max()) > 0 and torch.equal(g0[1:], torch.zeros_like(g0[1:]))
+
+
+def test_batched_distance_is_zero_at_the_private_sample():
+    victims, weights, shared, images, labels, dummy, _ = _setup(torch.float64)
+    distance = batched_distance(victims[0])
+    at_truth = distance(weights, shared, images, F.one_hot(labels, CLASSES).double())
+    far = distance(weights, shared, dummy, F.one_hot(labels, CLASSES).double())
+    assert float(at_truth.abs().max()) < 1e-20 * float(far.min()) + 1e-25
+    wrong_label = distance(weights, shared, images, F.one_hot((labels + 1) % CLASSES, CLASSES).double())
+    assert float(wrong_label.min()) > 1e-3
+
+
+# --- soft cross-entropy ------------------------------------------------------------------------------------
+
+
+def test_soft_cross_entropy_one_hot_is_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(6, 100, generator=g)
+    labels = torch.randint(100, (6,), generator=g)
+    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(labels, 100).float()),
+                               F.cross_entropy(logits, labels), rtol=1e-6, atol=0)
+    # batch of one, as in the attack
+    torch.testing.assert_close(soft_cross_entropy(logits[:1], F.one_hot(labels[:1], 100).float()),
+                               F.cross_entropy(logits[:1], labels[:1]), rtol=1e-6, atol=0)
+
+
+def test_soft_cross_entropy_with_soft_labels():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 10, generator=g, dtype=torch.float64)
+    p = torch.softmax(torch.randn(5, 10, generator=g, dtype=torch.float64), -1)
+    by_hand = -(p * torch.log_softmax(logits, -1)).sum(-1).mean()
+    assert abs(float(soft_cross_entropy(logits, p)) - float(by_hand)) < 1e-12
+    # a case by hand: logits (0, log 3) -> softmax (1/4, 3/4); p = (1/2, 1/2)
+    # -> loss = -(1/2 log 1/4 + 1/2 log 3/4) = (log 4 + log 4/3) / 2
+    value = soft_cross_entropy(torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64),
+                               torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    assert abs(float(value) - 0.5 * (math.log(4.0) + math.log(4.0 / 3.0))) < 1e-15
+
+
+def test_soft_cross_entropy_stays_finite_for_spread_logits():
+    """log_softmax, not log(softmax): spread logits give a finite loss and gradient, not -inf/NaN."""
+    logits = torch.tensor([[0.0, 200.0, -200.0]], requires_grad=True)
+    p = torch.tensor([[0.2, 0.3, 0.5]])
+    loss = soft_cross_entropy(logits, p)
+    loss.backward()
+    assert abs(float(loss.detach()) - (0.2 * 200 + 0.5 * 400)) < 1e-3
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad, torch.tensor([[-0.2, 0.7, -0.5]]))
