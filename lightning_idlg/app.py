@@ -7,10 +7,12 @@ import sys
 import warnings
 
 import hydra
+from hydra.errors import InstantiationException
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_idlg.experiment import ConfigError, run
+from lightning_idlg.tracking import MetricNameError, metric_value
 
 
 def _quiet_lightning() -> None:
@@ -23,13 +25,29 @@ def _quiet_lightning() -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_idlg.configs", config_name="config")
-def app(cfg: DictConfig) -> dict:
+def app(cfg: DictConfig) -> dict | float:
+    """The summary; with `optimized_metric` set, that one number of it (what a Hydra sweeper optimizes)."""
     _quiet_lightning()
+    name = cfg.get("optimized_metric")
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if name and str(name).split("/")[0] not in cfg.method:  # fail before the run, not after it
+            raise ConfigError(f"optimized_metric={name!r} must start with a method that is run: "
+                              + ", ".join(f"{m}/..." for m in cfg.method))
+        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        return metric_value(summary, name) if name else summary
+    except InstantiationException as err:
+        # a loader's or model's own one-line message, not Hydra's wrapper around it
+        cause = err.__cause__
+        if not isinstance(cause, (FileNotFoundError, ValueError, RuntimeError)):
+            raise
+        _fail(cause)
+    except (ConfigError, FileNotFoundError, MetricNameError) as err:
+        _fail(err)
+
+
+def _fail(err: BaseException) -> None:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_idlg.client import SharedGradient
+from lightning_idlg.errors import ConfigError
 from lightning_idlg.labels import LABEL_RULES, extract_label
 from lightning_idlg.objective import batched_distance
 from lightning_idlg.victim import output_layer
@@ -56,9 +57,9 @@ class GradientInversion(pl.LightningModule):
                  dummy_seeds: list[int] | None = None, snapshot_every: int = 10, snapshot_trials: int = 0):
         super().__init__()
         if method not in METHODS:
-            raise ValueError(f"method={method!r} is not known; valid: {', '.join(METHODS)}")
+            raise ConfigError(f"method={method!r} is not known; valid: {', '.join(METHODS)}")
         if label_rule not in LABEL_RULES:
-            raise ValueError(f"label_rule={label_rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
+            raise ConfigError(f"label_rule={label_rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
         if not isinstance(shared, SharedGradient):
             raise TypeError("GradientInversion takes a SharedGradient record (what the client shared) only")
         self.automatic_optimization = False  # the closure is ours: it returns one D per trial

@@ -18,10 +18,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lightning_idlg import metrics
+from lightning_idlg import metrics, tracking
 from lightning_idlg.attack import AttackResult, GradientInversion
 from lightning_idlg.client import PrivateBatch, share_gradient, stack_victims
 from lightning_idlg.data import pick_trials
+from lightning_idlg.errors import ConfigError
 from lightning_idlg.monitor import ReconstructionMonitor, StepProgress
 from lightning_idlg.pictures import save_progress_strip, save_trial_picture
 from lightning_idlg.results import TrialStore, write_summary
@@ -31,10 +32,6 @@ log = logging.getLogger(__name__)
 METHOD_ORDER = ("dlg", "idlg")
 CPU_TRIALS_PER_BATCH = 32   # ~1 ms per trial-evaluation on a CPU core for K = 16-64 (vmap), worse beyond
 GPU_TRIALS_PER_BATCH = 512
-
-
-class ConfigError(ValueError):
-    """A bad setting: the message is one line that says what is valid."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +129,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     if logger is not None:
         logger.finalize("success")
     summary = write_summary(run_dir, store.records())
+    tracking.log_run_results(logger, store.records(), summary, run_dir)  # config, summary, W&B table
     print_summary(summary, Console())  # the result goes to stdout; progress went to stderr
     return summary
 

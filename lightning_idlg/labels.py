@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from lightning_idlg.errors import ConfigError
+
 LABEL_RULES = ("bias", "weight_sum", "inner_product")
 
 
@@ -21,14 +23,14 @@ def extract_label(weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, rul
     """Labels (K,) from the last layer's shared gradients: weight (K, C, F), bias (K, C) or None."""
     if rule == "bias":
         if bias_grad is None:
-            raise ValueError("label_rule=bias needs a last Linear layer with a bias; use weight_sum or "
+            raise ConfigError("label_rule=bias needs a last Linear layer with a bias; use weight_sum or "
                              "inner_product")
         return bias_grad.argmin(dim=-1)
     if rule == "weight_sum":
         return weight_grad.sum(dim=-1).argmin(dim=-1)
     if rule == "inner_product":
         return _inner_product_rule(weight_grad)
-    raise ValueError(f"label_rule={rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
+    raise ConfigError(f"label_rule={rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
 
 
 def _inner_product_rule(weight_grad: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,7 @@ def _inner_product_rule(weight_grad: torch.Tensor) -> torch.Tensor:
     negative row, the one zero row: g_c rounded to 0, see below)."""
     num_classes = weight_grad.shape[-2]
     if num_classes < 3:
-        raise ValueError("label_rule=inner_product needs at least 3 classes (with 2 both rows qualify); "
+        raise ConfigError("label_rule=inner_product needs at least 3 classes (with 2 both rows qualify); "
                          "use bias or weight_sum")
     trials = torch.arange(weight_grad.shape[0], device=weight_grad.device)
     pivot = weight_grad.norm(dim=-1).argmax(dim=-1)                       # (K,)

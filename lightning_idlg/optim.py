@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from lightning_idlg.errors import ConfigError
+
 
 class _TrialOptimizer(torch.optim.Optimizer):
     """Shared plumbing: flat per-trial views of the parameters, the active mask, evaluation counts."""
@@ -71,7 +73,7 @@ class BatchedLBFGS(_TrialOptimizer):
                  tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9, history_size: int = 100,
                  line_search_fn: str | None = None):
         if line_search_fn is not None:
-            raise ValueError(f"line_search_fn={line_search_fn!r} is not supported by BatchedLBFGS; valid: null")
+            raise ConfigError(f"line_search_fn={line_search_fn!r} is not supported by BatchedLBFGS; valid: null")
         max_eval = max_eval if max_eval is not None else max_iter * 5 // 4
         super().__init__(params, dict(lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=tolerance_grad,
                                       tolerance_change=tolerance_change, history_size=history_size))

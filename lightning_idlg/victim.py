@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lightning_idlg.errors import ConfigError
+
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "relu": nn.ReLU,
@@ -22,7 +24,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 def _activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
-        raise ValueError(f"model.activation={name!r} is not known; valid: {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"model.activation={name!r} is not known; valid: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]()
 
 
@@ -72,7 +74,7 @@ def init_weights(model: nn.Module, init: str = "uniform", scale: float = 0.5) ->
     if init == "default":
         return model
     if init != "uniform":
-        raise ValueError(f"model.init={init!r} is not known; valid: uniform, default")
+        raise ConfigError(f"model.init={init!r} is not known; valid: uniform, default")
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-scale, scale)
@@ -93,6 +95,6 @@ def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:
     """The last Linear layer (name, module): the layer iDLG reads the label from."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer; iDLG label extraction needs the "
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer; iDLG label extraction needs the "
                          "last layer to be Linear (use method=dlg for other models)")
     return linears[-1]

@@ -1,0 +1,170 @@
+"""The Hydra app and the experiment loop, end to end, on the built-in data sets (no files, no network)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from PIL import Image
+
+import lightning_idlg.attack as attack_module
+from lightning_idlg.attack import GradientInversion
+from lightning_idlg.client import PrivateBatch, SharedGradient
+from lightning_idlg.experiment import ConfigError, prepare_batch, run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+GROUPS = ("dataset", "model", "method", "optimizer", "trainer", "logger", "experiment")
+
+
+def cfg_of(*overrides: str):
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        return compose("config", overrides=["progress_bar=false", *overrides])
+
+
+def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("group,option", [
+    (group, path.stem) for group in GROUPS for path in sorted((CONFIGS / group).glob("*.yaml"))
+])
+def test_every_config_group_option_composes(group, option):
+    cfg = cfg_of(f"{group}={option}")
+    assert cfg.trials >= 1 and cfg.steps >= 1
+    assert "factory" in cfg.model and cfg.optimizer._target_.startswith("lightning_idlg.optim.")
+    assert set(cfg.method) <= {"dlg", "idlg"} and cfg.method
+
+
+def test_paper_presets_are_the_reference_protocol():
+    for name, classes_dataset in (("paper_mnist", "mnist"), ("paper_cifar100", "cifar100"), ("paper_lfw", "lfw")):
+        cfg = cfg_of(f"experiment={name}")
+        assert cfg.dataset._target_ == f"lightning_idlg.data.{classes_dataset}"
+        assert (cfg.trials, cfg.steps, cfg.tolerance) == (1000, 300, 1e-6)
+        assert cfg.model.factory.activation == "sigmoid" and cfg.model.init_scale == 0.5
+        assert set(cfg.method) == {"dlg", "idlg"} and cfg.method.idlg.label_rule == "weight_sum"
+        opt = cfg.optimizer
+        assert (opt.lr, opt.max_iter, opt.history_size, opt.line_search_fn) == (1.0, 20, 100, None)
+
+
+def test_entry_point_writes_the_documented_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = app("trials=2", "steps=3", "dataset.image_size=16", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lightning_idlg summary" in result.stdout
+    assert (out / "config.yaml").exists() and (out / ".hydra" / "overrides.yaml").exists()
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert sorted((r["method"], r["index"]) for r in records) == [("dlg", 0), ("dlg", 1), ("idlg", 0), ("idlg", 1)]
+    for r in records:
+        assert {"method", "index", "label", "predicted_label", "mse", "psnr", "ssim", "status", "steps",
+                "seconds", "evaluations", "distance"} <= set(r)
+        assert r["status"] in ("converged", "not_converged", "diverged") and 1 <= r["steps"] <= 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"dlg", "idlg"}
+    for s in summary.values():
+        assert s["trials"] == 2 and set(s["fidelity"]) == {"0.01", "0.005", "0.001", "0.0005", "0.0001"}
+        assert {"label_accuracy", "status", "psnr", "ssim"} <= set(s)
+    assert summary["idlg"]["label_accuracy"] == 1.0
+    for name in ("trial_00000.png", "trial_00001.png", "progress_00000.png", "progress_00001.png"):
+        assert Image.open(out / "pictures" / name).size[0] > 0
+    # ground truth | DLG | iDLG: three 16-pixel tiles with 2-pixel padding
+    assert Image.open(out / "pictures" / "trial_00000.png").size == (3 * 18 + 2, 20)
+
+
+def test_module_entry_point_and_console_script_are_the_same_app(tmp_path):
+    result = app("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "lightning-idlg is powered by Hydra" in result.stdout
+    assert "_target_: lightning_idlg.data.digits" in result.stdout
+    script = Path(sys.executable).with_name("lightning-idlg")
+    assert script.exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trials=0", "error: trials must be a positive integer, got 0"),
+    ("steps=-3", "error: steps must be a positive integer, got -3"),
+    ("trials_per_batch=many", "error: trials_per_batch must be 'auto' or a positive integer, got 'many'"),
+    ("dataset=mnist", "MNIST test files not found in"),
+])
+def test_bad_overrides_fail_with_one_clear_line(tmp_path, override, message):
+    result = app(override, "dataset.root=/nonexistent" if override.startswith("dataset") else "seed=0",
+                 f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr[-1500:]
+
+
+def test_unknown_group_option_lists_the_valid_ones(tmp_path):
+    result = app("method=foo", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Could not find 'method/foo'" in result.stderr and "idlg" in result.stderr
+
+
+def test_validation_errors_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        run(cfg_of("seed=abc"), tmp_path)
+
+
+def test_label_extraction_alone_is_exact(tmp_path):
+    """`method=idlg steps=1`: the label comes from the gradient before any optimization."""
+    summary = run(cfg_of("method=idlg", "trials=200", "steps=1", "pictures=false", "progress_trials=0",
+                         "dataset.image_size=16"), tmp_path)
+    assert summary["idlg"]["trials"] == 200 and summary["idlg"]["label_accuracy"] == 1.0
+
+
+def test_idlg_recovers_the_image_on_the_paper_lenet(tmp_path):
+    """Paper LeNet (3x32x32, sigmoid, U(-0.5, 0.5), 100 classes), L-BFGS lr 1, seed fixed: below 1e-3."""
+    summary = run(cfg_of("dataset=faces", "method=idlg", "trials=2", "steps=120", "seed=0", "pictures=false",
+                         "progress_trials=0"), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["converged", "converged"]
+    assert all(r["mse"] < 1e-3 and r["label_correct"] for r in records)
+    assert summary["idlg"]["fidelity"]["0.001"] == 1.0
+
+
+def test_same_seed_same_results_and_batching_does_not_matter(tmp_path):
+    def records(run_dir, *extra):
+        run(cfg_of("trials=3", "steps=4", "dataset.image_size=16", "pictures=false", "progress_trials=0",
+                   *extra), run_dir)
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "batch_size")}
+                for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+
+    first, again = records(tmp_path / "a"), records(tmp_path / "b")
+    assert first == again
+    one_at_a_time = records(tmp_path / "c", "trials_per_batch=1")
+    for a, b in zip(sorted(first, key=lambda r: (r["method"], r["index"])),
+                    sorted(one_at_a_time, key=lambda r: (r["method"], r["index"]))):
+        assert (a["method"], a["index"], a["image_index"], a["label"], a["predicted_label"]) == \
+               (b["method"], b["index"], b["image_index"], b["label"], b["predicted_label"])
+        assert a["distance"] == pytest.approx(b["distance"], rel=1e-3, abs=1e-6)
+    other_seed = records(tmp_path / "d", "seed=1")
+    assert [r["image_index"] for r in other_seed] != [r["image_index"] for r in first]
+
+
+def test_the_attack_sees_only_the_shared_gradient():
+    """The wall between client and attacker: by the API, by the record's fields, by the imports."""
+    assert {f.name for f in fields(SharedGradient)} == {"model", "weights", "gradients", "input_shape",
+                                                        "num_classes", "defense"}
+    params = set(inspect.signature(GradientInversion.__init__).parameters)
+    assert not params & {"images", "labels", "private", "target", "x", "y"}
+    assert "PrivateBatch" not in vars(attack_module)
+    cfg = cfg_of("trials=2", "dataset.image_size=16")
+    from hydra.utils import instantiate
+    from lightning_idlg.experiment import plan_trials
+    dataset = instantiate(cfg.dataset)
+    private, shared = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
+    with pytest.raises(TypeError, match="SharedGradient"):
+        GradientInversion(private)  # a PrivateBatch is refused
+    attack = GradientInversion(shared, method="idlg")
+    held = [t for t in list(attack.buffers()) + list(attack.parameters())]
+    for tensor in held:  # nothing the attack holds is the private image
+        assert not (tensor.shape == private.images.shape and torch.equal(tensor, private.images))
+    assert isinstance(private, PrivateBatch)
