@@ -1,0 +1,56 @@
+"""The iDLG paper's reported numbers, as data, so reports can print them beside ours.
+
+Source: Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv 2001.02610 (2020):
+Table 1 (label accuracy) and Figure 1 (share of trials with MSE below each threshold; read off the plot,
+about +-1 point). 1,000 trials per data set, the reference protocol (untrained sigmoid LeNet, U(-0.5, 0.5)
+weights, L-BFGS lr 1, 300 steps). Values are kept in percent, as printed; the functions return shares in
+[0, 1], the unit of `lightning_idlg.results.summarize`.
+
+Keys are our loader names (a trial record's `dataset` field): the paper has MNIST, CIFAR-100 and LFW only.
+"""
+
+from __future__ import annotations
+
+from lightning_idlg.metrics import fidelity as _fidelity
+
+FIDELITY_KEYS = tuple(_fidelity([]))   # "0.01", ..., "0.0001": the keys of summary['fidelity']
+
+SOURCE = ('Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv 2001.02610 (2020): '
+          "Table 1 (label accuracy), Figure 1 (fidelity)")
+FIDELITY_NOTE = "read off the plot, about +-1 point"
+TRIALS = 1000   # per data set
+
+#: loader name -> the paper's name for the data set
+DATASETS = {"mnist": "MNIST", "cifar100": "CIFAR-100", "lfw": "LFW"}
+
+#: Table 1, percent of trials whose label is recovered
+LABEL_ACCURACY_PERCENT = {
+    "mnist": {"dlg": 89.9, "idlg": 100.0},
+    "cifar100": {"dlg": 83.3, "idlg": 100.0},
+    "lfw": {"dlg": 79.1, "idlg": 100.0},
+}
+
+#: Figure 1, percent of trials with MSE < t, for t in FIDELITY_THRESHOLDS (0.01, 0.005, 0.001, 0.0005, 0.0001)
+FIDELITY_PERCENT = {
+    "mnist": {"dlg": (76.3, 76.3, 76.2, 76.1, 76.0), "idlg": (89.2, 89.0, 88.6, 88.4, 87.4)},
+    "cifar100": {"dlg": (66.3, 66.2, 65.5, 64.7, 57.6), "idlg": (83.6, 83.4, 82.8, 81.2, 70.8)},
+    "lfw": {"dlg": (52.3, 51.8, 51.5, 51.3, 47.4), "idlg": (91.5, 91.4, 91.1, 90.9, 83.3)},
+}
+
+
+def _share(percent: float) -> float:
+    return round(percent / 100.0, 6)
+
+
+def label_accuracy(dataset: str, method: str) -> float | None:
+    """The paper's label accuracy as a share in [0, 1]; None where the paper has no such number."""
+    percent = LABEL_ACCURACY_PERCENT.get(dataset, {}).get(method)
+    return None if percent is None else _share(percent)
+
+
+def fidelity(dataset: str, method: str) -> dict[str, float] | None:
+    """{"0.01": share, ...} keyed like `lightning_idlg.metrics.fidelity`; None where the paper has none."""
+    percents = FIDELITY_PERCENT.get(dataset, {}).get(method)
+    if percents is None:
+        return None
+    return {key: _share(p) for key, p in zip(FIDELITY_KEYS, percents)}

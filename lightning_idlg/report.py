@@ -1,0 +1,535 @@
+"""`lightning-idlg-report`: the paper's tables and figures from the per-trial records of finished runs.
+
+    lightning-idlg-report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT] [--progress-trial N ...]
+
+Every `trials.jsonl` below each argument is read (one run, or a whole Hydra multirun dir). Records are
+grouped by (data set, method), the data set being the record's `dataset` field (the loader name); the same
+data set found in several runs is pooled. The numbers come from `results.summarize` and
+`metrics.fidelity`, the definitions the runs' own `summary.json` use. Written into `--out`:
+
+- `report.md`: runs and their commands, then the tables and figures below, with the paper's numbers beside
+  ours where the paper has the data set (MNIST, CIFAR-100, LFW);
+- `label_accuracy.csv`: the paper's Table 1;
+- `fidelity.csv`, `fidelity.png`: share of trials with MSE below each threshold (the paper's Figure 1);
+- `convergence.csv`: status counts and medians (steps, evaluations, PSNR, SSIM, MSE, seconds per trial);
+- `progress_*.png`: reconstruction strips with step labels, DLG row above iDLG (the paper's Figure 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import shlex
+import shutil
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+
+from lightning_idlg import paper
+from lightning_idlg.metrics import FIDELITY_THRESHOLDS, median
+from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summarize
+
+METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
+METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
+DATASET_ORDER = ("mnist", "cifar100", "lfw", "digits", "faces", "image_folder")
+FIDELITY_KEYS = paper.FIDELITY_KEYS      # "0.01" ... "0.0001", the keys of summarize()["fidelity"]
+COLORS = {"dlg": "tab:blue", "idlg": "tab:orange"}
+MARKERS = {"dlg": "o", "idlg": "^"}
+# overrides that may differ between pooled runs without changing what a trial measures
+POOLABLE_KEYS = {"seed", "trials", "method", "trials_per_batch", "threads", "progress_bar", "pictures",
+                 "progress_trials", "snapshot_every", "logger", "trainer", "dataset.root", "dataset.download"}
+DASH = "—"
+
+
+@dataclass
+class Run:
+    """One run dir (the folder of a trials.jsonl) and what it says about how it was made."""
+
+    path: Path
+    records: list[dict]
+    config: dict = field(default_factory=dict)        # config.yaml (resolved), {} if absent
+    overrides: list[str] | None = None                # .hydra/overrides.yaml, None if absent
+
+    @property
+    def command(self) -> str:
+        if self.overrides is None:
+            return ""
+        return " ".join(["lightning-idlg", *(shlex.quote(o) for o in self.overrides)])
+
+    @property
+    def label(self) -> str:
+        return _safe(self.path.name) or "run"
+
+
+@dataclass
+class Group:
+    """All records of one (data set, method), pooled over runs."""
+
+    dataset: str
+    method: str
+    records: list[dict]
+    summary: dict                                     # results.summarize()[method]
+
+    @property
+    def seconds_per_trial(self) -> float:
+        return median([float(r["seconds"]) for r in self.records])
+
+    @property
+    def correct(self) -> int:
+        return sum(bool(r["label_correct"]) for r in self.records)
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """A Run for every trials.jsonl at or below each path (each file once), in natural order."""
+    runs, seen = [], set()
+    for path in map(Path, paths):
+        if path.is_file() and path.name == TRIALS_FILE:
+            files = [path]
+        elif path.is_dir():
+            files = sorted(path.rglob(TRIALS_FILE), key=lambda p: _natural(p.relative_to(path).as_posix()))
+        else:
+            raise FileNotFoundError(f"{path} is not a run dir or a {TRIALS_FILE}")
+        if not files:
+            raise FileNotFoundError(f"no {TRIALS_FILE} found at or below {path}")
+        for file in files:
+            if file.resolve() in seen:
+                continue
+            seen.add(file.resolve())
+            runs.append(_load_run(file.parent))
+    return runs
+
+
+def _load_run(run_dir: Path) -> Run:
+    config = _read_yaml(run_dir / "config.yaml") or {}
+    overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
+    records = read_records(run_dir / TRIALS_FILE)
+    fallback = str((config.get("dataset") or {}).get("_target_", "unknown")).rsplit(".", 1)[-1]
+    for record in records:
+        record.setdefault("dataset", fallback)
+    return Run(run_dir, records, config if isinstance(config, dict) else {},
+               [str(o) for o in overrides] if isinstance(overrides, list) else None)
+
+
+def _read_yaml(path: Path):
+    if not path.exists():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return None
+
+
+def group_records(runs: list[Run]) -> dict[str, dict[str, Group]]:
+    """{dataset: {method: Group}}, data sets in the paper's order first, methods DLG then iDLG."""
+    by_dataset: dict[str, list[dict]] = defaultdict(list)
+    for run in runs:
+        for record in run.records:
+            by_dataset[str(record["dataset"])].append(record)
+    groups = {}
+    for dataset in sorted(by_dataset, key=_dataset_rank):
+        records = by_dataset[dataset]
+        summary = summarize(records)
+        groups[dataset] = {
+            method: Group(dataset, method, [r for r in records if r["method"] == method], summary[method])
+            for method in sorted(summary, key=_method_rank)
+        }
+    return groups
+
+
+def _dataset_rank(name: str):
+    return (DATASET_ORDER.index(name) if name in DATASET_ORDER else len(DATASET_ORDER), name)
+
+
+def _method_rank(name: str):
+    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+# -- tables -------------------------------------------------------------------------------------------
+def label_accuracy_rows(groups) -> list[dict]:
+    rows = []
+    for dataset, methods in groups.items():
+        for method, g in methods.items():
+            rows.append({
+                "dataset": dataset,
+                "method": method,
+                "trials": g.summary["trials"],
+                "correct": g.correct,
+                "label_accuracy": g.summary["label_accuracy"],
+                "paper_dataset": paper.DATASETS.get(dataset, ""),
+                "paper_label_accuracy": _blank(paper.label_accuracy(dataset, method)),
+            })
+    return rows
+
+
+def fidelity_rows(groups) -> list[dict]:
+    rows = []
+    for dataset, methods in groups.items():
+        for method, g in methods.items():
+            ours, theirs = g.summary["fidelity"], paper.fidelity(dataset, method) or {}
+            row = {"dataset": dataset, "method": method, "trials": g.summary["trials"]}
+            row.update({f"mse_below_{k}": ours[k] for k in FIDELITY_KEYS})
+            row.update({f"paper_mse_below_{k}": _blank(theirs.get(k)) for k in FIDELITY_KEYS})
+            rows.append(row)
+    return rows
+
+
+def convergence_rows(groups) -> list[dict]:
+    rows = []
+    for dataset, methods in groups.items():
+        for method, g in methods.items():
+            s = g.summary
+            rows.append({
+                "dataset": dataset,
+                "method": method,
+                "trials": s["trials"],
+                **{status: s["status"][status] for status in STATUSES},
+                "median_steps_to_converge": s["steps_to_converge"],
+                "median_evaluations_to_converge": s["evaluations_to_converge"],
+                "median_psnr": s["psnr"],
+                "median_ssim": s["ssim"],
+                "median_mse": s["mse"],
+                "median_seconds_per_trial": g.seconds_per_trial,
+                "total_seconds": s["seconds"],
+            })
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        if not rows:
+            return
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _blank(value):
+    return "" if value is None else value
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def plot_fidelity(groups, path: Path) -> None:
+    """One panel per data set: share of trials with MSE < t against t (log axis, 1e-2 down to 1e-4, as
+    in the paper's Figure 1), ours solid, the paper's dashed."""
+    n = len(groups)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.4 * ncols, 3.6 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (dataset, methods) in zip(axes, groups.items()):
+        for method, g in methods.items():
+            color = COLORS.get(method)
+            name = METHOD_NAMES.get(method, method)
+            ours = [100 * g.summary["fidelity"][k] for k in FIDELITY_KEYS]
+            ax.plot(FIDELITY_THRESHOLDS, ours, "-" + MARKERS.get(method, "o"), color=color,
+                    markersize=7 if method == "dlg" else 5,   # DLG's larger marker stays visible under iDLG's
+                    label=f"{name} (ours, n={g.summary['trials']})")
+            theirs = paper.fidelity(dataset, method)
+            if theirs:
+                ax.plot(FIDELITY_THRESHOLDS, [100 * theirs[k] for k in FIDELITY_KEYS], "--", color=color,
+                        alpha=0.7, marker=MARKERS.get(method, "o"), markersize=4, markerfacecolor="white",
+                        label=f"{name} (paper, n={paper.TRIALS})")
+        ax.set_xscale("log")
+        ax.set_xlim(max(FIDELITY_THRESHOLDS) * 1.3, min(FIDELITY_THRESHOLDS) / 1.3)   # reversed, as the paper
+        ax.set_xticks(FIDELITY_THRESHOLDS, [f"{t:g}" for t in FIDELITY_THRESHOLDS], fontsize=8)
+        ax.minorticks_off()
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        title = dataset + (f"  (paper: {paper.DATASETS[dataset]})" if dataset in paper.DATASETS else "")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("MSE threshold t")
+        ax.set_ylabel("trials with MSE < t (%)")
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle("Fidelity: share of trials below each MSE threshold", fontsize=11)
+    fig.savefig(path, dpi=120)
+
+
+@dataclass
+class Strip:
+    """A progress picture to show: which run and trial, and where the labelled copy went."""
+
+    run: Run
+    source: Path
+    index: int
+    output: str
+    dataset: str = ""
+    caption: str = ""
+
+
+def choose_strips(runs: list[Run], trials: list[int] | None) -> list[Strip]:
+    """The chosen trials' progress_NNNNN.png of every run (default: the first one each run has)."""
+    strips = []
+    for run in runs:
+        pictures = run.path / "pictures"
+        if trials:
+            files = [pictures / f"progress_{i:05d}.png" for i in trials]
+            files = [f for f in files if f.exists()]
+        else:
+            files = sorted(pictures.glob("progress_*.png"))[:1]
+        for file in files:
+            match = re.fullmatch(r"progress_(\d+)\.png", file.name)
+            if match:
+                index = int(match.group(1))
+                strips.append(Strip(run, file, index, f"progress_{len(strips):02d}_{run.label}_{index:05d}.png"))
+    return strips
+
+
+def plot_progress(strip: Strip, out: Path) -> None:
+    """The strip with its step under each column and its method (status, final MSE) beside each row; a
+    strip whose geometry cannot be read is copied as it is."""
+    run, records = strip.run, [r for r in strip.run.records if int(r["index"]) == strip.index]
+    by_method = {r["method"]: r for r in records}
+    methods = sorted(by_method, key=_method_rank) or [
+        m for m in METHOD_ORDER if m in (run.config.get("method") or METHOD_ORDER)]
+    first = records[0] if records else {}
+    strip.dataset = str(first.get("dataset", ""))
+    strip.caption = (f"{strip.dataset or 'run'} trial {strip.index}"
+                     + (f" (image {first['image_index']}, label {first['label']})" if first else "")
+                     + f", run `{run.path}`")
+    image = imread(strip.source)
+    height, width = image.shape[:2]
+    pad, rows = 2, max(1, len(methods))        # torchvision make_grid: 2 px padding around every tile
+    cell = (height - pad) / rows
+    cols = round((width - pad) / cell) if cell > 0 else 0
+    if cell != int(cell) or cols < 1 or abs(cols * cell + pad - width) > 0.5:
+        shutil.copyfile(strip.source, out / strip.output)
+        return
+    every = int(run.config.get("snapshot_every", 10) or 10)
+    scale = max(0.42, 0.012 * cell)            # inches per tile
+    fig = Figure(figsize=(cols * scale + 2.2, rows * scale + 1.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([pad + (j + 0.5) * cell - pad / 2 for j in range(cols)], [str(j * every) for j in range(cols)],
+                  fontsize=7)
+    ax.set_xlabel(f"step (a snapshot every {every}; 0: the random start)", fontsize=8)
+    labels = []
+    for m in methods:
+        r = by_method.get(m)
+        text = METHOD_NAMES.get(m, m)
+        if r:
+            text += f"\n{r['status']}\nMSE {_sci(float(r['mse']))}"
+        labels.append(text)
+    ax.set_yticks([pad + (i + 0.5) * cell - pad / 2 for i in range(rows)], labels, fontsize=7)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(strip.caption.replace("`", ""), fontsize=8)
+    fig.savefig(out / strip.output, dpi=150)
+
+
+# -- markdown -----------------------------------------------------------------------------------------
+def _pct(share) -> str:
+    return DASH if share is None or math.isnan(share) else f"{100 * share:.1f}"
+
+
+def _num(value, fmt: str = "g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    return format(value, fmt)
+
+
+def _sci(value: float) -> str:
+    return f"{value:.2g}" if math.isfinite(value) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return lines
+
+
+def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings: list[str]) -> str:
+    lines = [f"# {title}", "",
+             f"{sum(len(r.records) for r in runs)} trial records from {len(runs)} run(s), grouped by data set "
+             "(the loader that produced the images) and method; runs of the same data set are pooled. "
+             f"Paper: {paper.SOURCE}.", ""]
+
+    lines += ["## Runs", ""]
+    lines += _table(["run dir", "data set", "records (DLG / iDLG / other)", "dataset.root", "command"], [[
+        f"`{run.path}`",
+        ", ".join(sorted({str(r["dataset"]) for r in run.records}, key=_dataset_rank)) or DASH,
+        " / ".join(str(n) for n in _method_counts(run.records)),
+        f"`{(run.config.get('dataset') or {}).get('root')}`" if (run.config.get("dataset") or {}).get("root")
+        else DASH,
+        f"`{run.command}`" if run.command else "(no .hydra/overrides.yaml)",
+    ] for run in runs])
+    lines.append("")
+
+    lines += ["## Label accuracy (the paper's Table 1)", "",
+              "Share of trials whose recovered label is the true one, in percent (correct / trials). "
+              f"Paper: {paper.TRIALS:,} trials per data set; {DASH}: the paper has no such data set.", ""]
+    header, rows = ["data set"], []
+    methods = _all_methods(groups)
+    for m in methods:
+        header += [f"{METHOD_NAMES.get(m, m)} ours", f"{METHOD_NAMES.get(m, m)} paper"]
+    for dataset, by_method in groups.items():
+        row = [dataset + (f" ({paper.DATASETS[dataset]})" if dataset in paper.DATASETS else "")]
+        for m in methods:
+            g = by_method.get(m)
+            row.append(f"{_pct(g.summary['label_accuracy'])} ({g.correct}/{g.summary['trials']})" if g else DASH)
+            row.append(_pct(paper.label_accuracy(dataset, m)))
+        rows.append(row)
+    lines += _table(header, rows) + ["", "CSV: `label_accuracy.csv` (shares in [0, 1]).", ""]
+
+    lines += ["## Fidelity (the paper's Figure 1)", "",
+              "Share of trials (percent) with final MSE (all pixels, raw unclamped values) strictly below each "
+              "threshold; a diverged or NaN trial counts as a failure. The paper's values are "
+              f"{paper.FIDELITY_NOTE}.", "", "![fidelity](fidelity.png)", ""]
+    header = ["data set", "method", "source", "trials"] + [f"MSE < {k}" for k in FIDELITY_KEYS]
+    rows = []
+    for dataset, by_method in groups.items():
+        for m, g in by_method.items():
+            name = METHOD_NAMES.get(m, m)
+            rows.append([dataset, name, "ours", g.summary["trials"]]
+                        + [_pct(g.summary["fidelity"][k]) for k in FIDELITY_KEYS])
+            theirs = paper.fidelity(dataset, m)
+            if theirs:
+                rows.append([dataset, name, f"paper ({paper.DATASETS[dataset]})", paper.TRIALS]
+                            + [_pct(theirs[k]) for k in FIDELITY_KEYS])
+    lines += _table(header, rows) + ["", "CSV: `fidelity.csv` (shares in [0, 1]).", ""]
+
+    lines += ["## Reconstruction progress (the paper's Figure 2)", ""]
+    if strips:
+        lines += ["Dummy data every few steps from the random start (left) to the last step (right), DLG row "
+                  "above iDLG row, shown clamped to [0, 1]; the same image and network for both.", ""]
+        for strip in strips:
+            lines += [f"![{strip.caption}]({strip.output})", "", f"*{strip.caption}*", ""]
+    else:
+        lines += ["No progress pictures found (`pictures/progress_NNNNN.png` in the run dirs).", ""]
+
+    lines += ["## Convergence", "",
+              "Status counts; medians of steps and objective evaluations over converged trials, of PSNR / SSIM "
+              "(images clamped to [0, 1]) and MSE over all trials; seconds per trial = a batch's wall time "
+              "divided by its trials.", ""]
+    header = ["data set", "method", "trials", *STATUSES, "steps", "evaluations", "PSNR (dB)", "SSIM", "MSE",
+              "s / trial"]
+    rows = [[r["dataset"], METHOD_NAMES.get(r["method"], r["method"]), r["trials"],
+             *(r[s] for s in STATUSES), _num(r["median_steps_to_converge"]),
+             _num(r["median_evaluations_to_converge"]), _num(r["median_psnr"], ".1f"), _num(r["median_ssim"], ".3f"),
+             _sci(r["median_mse"]) if not math.isnan(r["median_mse"]) else DASH,
+             _num(r["median_seconds_per_trial"], ".3g")] for r in convergence_rows(groups)]
+    lines += _table(header, rows) + ["", "CSV: `convergence.csv`.", ""]
+
+    lines += ["## Notes", ""]
+    lines += [f"- {w}" for w in warnings]
+    lines += [f"- Paper numbers: {paper.SOURCE}; fidelity values {paper.FIDELITY_NOTE}. The paper runs "
+              f"{paper.TRIALS:,} trials per data set with one random image each; with fewer trials ours carry "
+              "sampling error (one trial in n moves a share by 100/n points)."]
+    return "\n".join(lines) + "\n"
+
+
+def _method_counts(records: list[dict]) -> list[int]:
+    counts = Counter(r["method"] for r in records)
+    return [counts.get("dlg", 0), counts.get("idlg", 0), sum(v for k, v in counts.items() if k not in METHOD_ORDER)]
+
+
+def _all_methods(groups) -> list[str]:
+    return sorted({m for by_method in groups.values() for m in by_method}, key=_method_rank)
+
+
+def notes(runs: list[Run], groups) -> list[str]:
+    """Facts a reader needs to weigh the numbers: data provenance and what pooling mixed."""
+    found = []
+    subset_sets = [d for d in ("cifar100", "lfw") if d in groups]
+    if subset_sets:
+        names = " / ".join(paper.DATASETS[d] for d in subset_sets)
+        found.append(
+            f"{names}: the images attacked here are the seeded draws from the files under `dataset.root` listed "
+            "in Runs. When that folder holds a subset (e.g. a shared local copy of part of the test split, "
+            "which need not be a uniform sample), these are not the paper's samples: compare rates, not "
+            "individual trials, and name the rows after the subset actually used.")
+    for dataset, by_method in groups.items():
+        for m, g in by_method.items():
+            keys = Counter((r.get("seed"), r.get("index")) for r in g.records)
+            repeated = sum(n - 1 for n in keys.values() if n > 1)
+            if repeated:
+                found.append(f"{dataset} / {METHOD_NAMES.get(m, m)}: {repeated} record(s) repeat a (seed, trial "
+                             "index) already counted from another run; pooled as they are.")
+        trials = max(g.summary["trials"] for g in by_method.values())
+        images = {r.get("image_index") for g in by_method.values() for r in g.records}
+        if len(images) < trials:
+            found.append(f"{dataset}: {len(images)} distinct images among {trials} trials per method (a run "
+                         "draws images again once its trials exceed the data set, and runs may share images).")
+        varying = _varying_overrides([run for run in runs if any(str(r["dataset"]) == dataset
+                                                                 for r in run.records)])
+        if varying:
+            found.append(f"{dataset}: pooled runs differ in {', '.join(f'`{k}`' for k in varying)}; their trials "
+                         "are counted together.")
+    return found
+
+
+def _varying_overrides(runs: list[Run]) -> list[str]:
+    settings = [dict(o.split("=", 1) for o in run.overrides if "=" in o) for run in runs if run.overrides is not None]
+    keys = {k.lstrip("+~") for s in settings for k in s} - POOLABLE_KEYS
+    values = [{k.lstrip("+~"): v for k, v in s.items()} for s in settings]
+    return sorted(k for k in keys if len({s.get(k) for s in values}) > 1)
+
+
+# -- entry point --------------------------------------------------------------------------------------
+def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG / iDLG report",
+                 progress_trials: list[int] | None = None) -> Path:
+    """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`."""
+    runs = find_runs(run_dirs)
+    groups = group_records(runs)
+    if not groups:
+        raise FileNotFoundError("the trials.jsonl files found hold no records: " + ", ".join(map(str, run_dirs)))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "label_accuracy.csv", label_accuracy_rows(groups))
+    write_csv(out / "fidelity.csv", fidelity_rows(groups))
+    write_csv(out / "convergence.csv", convergence_rows(groups))
+    plot_fidelity(groups, out / "fidelity.png")
+    strips = choose_strips(runs, progress_trials)
+    for strip in strips:
+        plot_progress(strip, out)
+    report = out / "report.md"
+    report.write_text(markdown(title, runs, groups, strips, notes(runs, groups)))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightning-idlg-report",
+        description="Tables and figures of the iDLG paper (label accuracy, fidelity, progress, convergence) "
+                    "from the trials.jsonl of runs or Hydra multirun dirs, with the paper's numbers beside ours.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="a run dir or a multirun dir; every trials.jsonl below it is read")
+    parser.add_argument("--out", help="output folder (default: the RUN_DIR if one is given, else report/)")
+    parser.add_argument("--title", default="DLG / iDLG report", help="heading of report.md")
+    parser.add_argument("--progress-trial", type=int, action="append", metavar="INDEX", dest="progress_trials",
+                        help="trial index whose progress picture to show, per run (repeatable; default: the "
+                             "first progress picture of each run)")
+    args = parser.parse_args(argv)
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
+    try:
+        report = write_report(args.run_dirs, out, args.title, args.progress_trials)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report)
+    return 0
+
+
+def _natural(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

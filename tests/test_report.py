@@ -1,0 +1,209 @@
+"""The report command: exact tables from synthetic trial records, multirun pooling, figures, paper numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lightning_idlg import paper
+from lightning_idlg.metrics import fidelity
+from lightning_idlg.report import main, write_report
+from lightning_idlg.results import read_records, summarize
+
+
+def record(method, index, mse, *, correct=True, status="converged", steps=10, evaluations=200, psnr=30.0,
+           ssim=0.5, seconds=1.0, dataset="mnist", seed=0, image_index=None):
+    return {"method": method, "index": index, "image_index": index if image_index is None else image_index,
+            "label": 3, "predicted_label": 3 if correct else 4, "label_correct": correct, "mse": mse,
+            "psnr": psnr, "ssim": ssim, "distance": 1e-7, "status": status, "steps": steps,
+            "evaluations": evaluations, "seconds": seconds, "batch_size": 4, "seed": seed, "dataset": dataset}
+
+
+def write_run(run_dir: Path, records, overrides=None, progress=None) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir()
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if progress is not None:   # a make_grid strip: `rows` methods x `cols` snapshots of size x size tiles
+        rows, cols, size = progress
+        (run_dir / "pictures").mkdir()
+        Image.new("RGB", (cols * (size + 2) + 2, rows * (size + 2) + 2), (90, 140, 200)).save(
+            run_dir / "pictures" / "progress_00000.png")
+    return run_dir
+
+
+# DLG: MSE 1e-5, 7e-4, 3e-3, 5e9 -> below 0.01: 3/4, 0.005: 3/4, 0.001: 2/4, 0.0005: 1/4, 0.0001: 1/4
+# iDLG: MSE 1e-6, 2e-4, 0.02, NaN -> 2/4 at every threshold down to 0.0005, 1/4 at 0.0001
+MNIST = [
+    record("dlg", 0, 1e-5, steps=10, evaluations=100, psnr=50.0, ssim=1.0, seconds=1.0),
+    record("dlg", 1, 7e-4, steps=20, evaluations=300, psnr=40.0, ssim=0.75, seconds=2.0),
+    record("dlg", 2, 3e-3, status="not_converged", steps=300, evaluations=6000, psnr=25.0, ssim=0.25,
+           seconds=3.0),
+    record("dlg", 3, 5e9, correct=False, status="diverged", steps=5, evaluations=90, psnr=5.0, ssim=0.0,
+           seconds=4.0),
+    record("idlg", 0, 1e-6, steps=8),
+    record("idlg", 1, 2e-4, steps=12),
+    record("idlg", 2, 0.02, status="not_converged", steps=300),
+    record("idlg", 3, float("nan"), status="diverged", steps=3),
+]
+
+
+def read_csv(path: Path) -> dict[tuple[str, str], dict]:
+    with open(path, newline="") as f:
+        return {(row["dataset"], row["method"]): row for row in csv.DictReader(f)}
+
+
+@pytest.fixture
+def mnist_report(tmp_path):
+    run = write_run(tmp_path / "run", MNIST, overrides=["experiment=paper_mnist", "trials=4"],
+                    progress=(2, 4, 28))
+    write_report([run], tmp_path / "out")
+    return tmp_path / "out"
+
+
+def test_label_accuracy_table_is_exact(mnist_report):
+    rows = read_csv(mnist_report / "label_accuracy.csv")
+    assert rows["mnist", "dlg"] == {"dataset": "mnist", "method": "dlg", "trials": "4", "correct": "3",
+                                    "label_accuracy": "0.75", "paper_dataset": "MNIST",
+                                    "paper_label_accuracy": "0.899"}
+    assert float(rows["mnist", "idlg"]["label_accuracy"]) == 1.0
+    assert float(rows["mnist", "idlg"]["paper_label_accuracy"]) == 1.0
+    text = (mnist_report / "report.md").read_text()
+    assert "| mnist (MNIST) | 75.0 (3/4) | 89.9 | 100.0 (4/4) | 100.0 |" in text
+
+
+def test_fidelity_table_is_exact(mnist_report):
+    rows = read_csv(mnist_report / "fidelity.csv")
+    keys = ("0.01", "0.005", "0.001", "0.0005", "0.0001")
+    assert [float(rows["mnist", "dlg"][f"mse_below_{k}"]) for k in keys] == [0.75, 0.75, 0.5, 0.25, 0.25]
+    assert [float(rows["mnist", "idlg"][f"mse_below_{k}"]) for k in keys] == [0.5, 0.5, 0.5, 0.5, 0.25]
+    assert [float(rows["mnist", "dlg"][f"paper_mse_below_{k}"]) for k in keys] == [0.763, 0.763, 0.762, 0.761,
+                                                                                   0.76]
+    assert rows["mnist", "dlg"]["trials"] == "4"
+    text = (mnist_report / "report.md").read_text()
+    assert "| mnist | DLG | ours | 4 | 75.0 | 75.0 | 50.0 | 25.0 | 25.0 |" in text
+    assert "| mnist | iDLG | ours | 4 | 50.0 | 50.0 | 50.0 | 50.0 | 25.0 |" in text
+    assert "| mnist | DLG | paper (MNIST) | 1000 | 76.3 | 76.3 | 76.2 | 76.1 | 76.0 |" in text
+    assert "| mnist | iDLG | paper (MNIST) | 1000 | 89.2 | 89.0 | 88.6 | 88.4 | 87.4 |" in text
+
+
+def test_convergence_table_is_exact(mnist_report):
+    row = read_csv(mnist_report / "convergence.csv")["mnist", "dlg"]
+    assert {k: row[k] for k in ("trials", "converged", "not_converged", "diverged")} == {
+        "trials": "4", "converged": "2", "not_converged": "1", "diverged": "1"}
+    assert float(row["median_steps_to_converge"]) == 15.0          # converged trials: 10, 20
+    assert float(row["median_evaluations_to_converge"]) == 200.0   # 100, 300
+    assert float(row["median_psnr"]) == 32.5                       # all trials: 50, 40, 25, 5
+    assert float(row["median_ssim"]) == 0.5                        # 1, 0.75, 0.25, 0
+    assert float(row["median_seconds_per_trial"]) == 2.5           # 1, 2, 3, 4
+    assert float(row["total_seconds"]) == 10.0
+    idlg = read_csv(mnist_report / "convergence.csv")["mnist", "idlg"]
+    assert float(idlg["median_steps_to_converge"]) == 10.0
+    assert "| mnist | DLG | 4 | 2 | 1 | 1 | 15 | 200 | 32.5 | 0.500 |" in (mnist_report / "report.md").read_text()
+
+
+def test_report_agrees_with_the_run_summary(mnist_report, tmp_path):
+    """One metric definition: the report's numbers are the runs' own summarize() / fidelity()."""
+    summary = summarize(read_records(tmp_path / "run" / "trials.jsonl"))
+    rows = read_csv(mnist_report / "fidelity.csv")
+    for method in ("dlg", "idlg"):
+        mses = [r["mse"] for r in MNIST if r["method"] == method]
+        for key, share in fidelity(mses).items():
+            assert float(rows["mnist", method][f"mse_below_{key}"]) == share == summary[method]["fidelity"][key]
+
+
+def test_figures_are_valid_pngs(mnist_report):
+    pictures = sorted(mnist_report.glob("*.png"))
+    assert [p.name for p in pictures] == ["fidelity.png", "progress_00_run_00000.png"]
+    for path in pictures:
+        assert path.stat().st_size > 0
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            image.verify()
+    with Image.open(mnist_report / "progress_00_run_00000.png") as labelled:
+        assert labelled.width > 4 * 30 + 2                       # drawn with labels, not copied
+    text = (mnist_report / "report.md").read_text()
+    assert "![fidelity](fidelity.png)" in text and "(progress_00_run_00000.png)" in text
+
+
+def test_strip_of_unexpected_geometry_is_copied(tmp_path):
+    run = write_run(tmp_path / "run", MNIST, progress=(3, 4, 28))   # 3 rows, but the run has 2 methods
+    write_report([run], tmp_path / "out")
+    copied = tmp_path / "out" / "progress_00_run_00000.png"
+    assert copied.read_bytes() == (run / "pictures" / "progress_00000.png").read_bytes()
+
+
+def test_multirun_jobs_are_pooled_and_grouped(tmp_path, monkeypatch):
+    sweep = tmp_path / "multirun"
+    write_run(sweep / "0_seed=0", [record("dlg", i, m, seed=0) for i, m in enumerate((1e-5, 1.0))]
+              + [record("idlg", i, 1e-6, seed=0) for i in range(2)], overrides=["dataset=mnist", "seed=0"])
+    write_run(sweep / "1_seed=1", [record("dlg", i, m, seed=1, correct=False) for i, m in enumerate((1e-5, 1e-3))]
+              + [record("idlg", i, 1e-6, seed=1) for i in range(2)], overrides=["dataset=mnist", "seed=1"])
+    digits = write_run(tmp_path / "single", [record("dlg", 0, 0.5, dataset="digits"),
+                                             record("idlg", 0, 1e-7, dataset="digits")])
+    monkeypatch.chdir(tmp_path)
+    assert main([str(sweep), str(digits)]) == 0
+    out = tmp_path / "report"                                     # several RUN_DIRs: report/
+    rows = read_csv(out / "fidelity.csv")
+    assert sorted(rows) == [("digits", "dlg"), ("digits", "idlg"), ("mnist", "dlg"), ("mnist", "idlg")]
+    assert rows["mnist", "dlg"]["trials"] == "4"
+    assert float(rows["mnist", "dlg"]["mse_below_0.01"]) == 0.75      # 1e-5, 1.0, 1e-5, 1e-3
+    assert float(rows["mnist", "dlg"]["mse_below_0.0001"]) == 0.5
+    assert rows["digits", "dlg"]["paper_mse_below_0.01"] == ""
+    labels = read_csv(out / "label_accuracy.csv")
+    assert (labels["mnist", "dlg"]["correct"], labels["mnist", "dlg"]["label_accuracy"]) == ("2", "0.5")
+    text = (out / "report.md").read_text()
+    assert "| mnist (MNIST) | 50.0 (2/4) | 89.9 | 100.0 (4/4) | 100.0 |" in text
+    assert "| digits | 0.0 (0/1) | — | 100.0 (1/1) | — |" not in text   # digits labels are correct
+    assert "| digits | 100.0 (1/1) | — | 100.0 (1/1) | — |" in text
+    assert "`lightning-idlg dataset=mnist seed=0`" in text and "`lightning-idlg dataset=mnist seed=1`" in text
+    assert text.index("0_seed=0") < text.index("1_seed=1")
+    assert "(no .hydra/overrides.yaml)" in text                     # the single run has none
+    assert "CIFAR-100" not in text.split("## Notes")[1]               # no subset note without cifar100/lfw
+
+
+def test_subset_datasets_get_a_provenance_note(tmp_path):
+    run = write_run(tmp_path / "run", [record(m, 0, 1e-6, dataset=d) for d in ("cifar100", "lfw")
+                                       for m in ("dlg", "idlg")])
+    text = write_report([run], tmp_path / "out").read_text()
+    notes = text.split("## Notes")[1]
+    assert "CIFAR-100 / LFW" in notes and "not the paper's samples" in notes
+    assert "| cifar100 | DLG | paper (CIFAR-100) | 1000 | 66.3 | 66.2 | 65.5 | 64.7 | 57.6 |" in text
+    assert "| lfw | iDLG | paper (LFW) | 1000 | 91.5 | 91.4 | 91.1 | 90.9 | 83.3 |" in text
+
+
+def test_paper_numbers():
+    assert paper.LABEL_ACCURACY_PERCENT["mnist"]["dlg"] == 89.9
+    assert paper.label_accuracy("mnist", "dlg") == 0.899
+    assert paper.label_accuracy("cifar100", "dlg") == 0.833
+    assert paper.label_accuracy("lfw", "dlg") == 0.791
+    assert all(paper.label_accuracy(d, "idlg") == 1.0 for d in ("mnist", "cifar100", "lfw"))
+    assert paper.fidelity("lfw", "idlg") == {"0.01": 0.915, "0.005": 0.914, "0.001": 0.911, "0.0005": 0.909,
+                                             "0.0001": 0.833}
+    assert tuple(paper.fidelity("mnist", "dlg")) == tuple(fidelity([]))   # keyed like metrics.fidelity
+    assert paper.label_accuracy("digits", "dlg") is None and paper.fidelity("faces", "idlg") is None
+    assert "2001.02610" in paper.SOURCE and "+-1 point" in paper.FIDELITY_NOTE
+
+
+def test_cli_defaults_and_errors(tmp_path, capsys):
+    run = write_run(tmp_path / "run", MNIST)
+    assert main([str(run), "--title", "My report"]) == 0            # one RUN_DIR: written into it
+    assert (run / "report.md").read_text().startswith("# My report\n")
+    assert {"label_accuracy.csv", "fidelity.csv", "convergence.csv", "fidelity.png"} <= {
+        p.name for p in run.iterdir()}
+    assert "No progress pictures found" in (run / "report.md").read_text()
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no trials.jsonl found" in capsys.readouterr().err
+    assert not math.isnan(float(read_csv(run / "fidelity.csv")["mnist", "dlg"]["mse_below_0.01"]))
+
+
+def test_console_script_is_declared():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'lightning-idlg-report = "lightning_idlg.report:main"' in pyproject
