@@ -13,13 +13,7 @@ from lightning_idlg.client import soft_cross_entropy, stack_victims
 from lightning_idlg.objective import batched_distance, gradient_distance
 from lightning_idlg.victim import LeNet, make_victim
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors, many small ops: one intra-op thread is as fast and far less sensitive to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # --- D by hand -------------------------------------------------------------------------------------

@@ -26,13 +26,7 @@ MAX_ITER = 20
 RTOL = 1e-6  # relative to the largest |parameter| of the reference (at least 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors, many small ops: one intra-op thread is as fast and far less sensitive to a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
