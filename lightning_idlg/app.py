@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_idlg.experiment import ConfigError, run
-from lightning_idlg.tracking import MetricNameError, metric_value
+from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
 
 
 def _quiet_lightning() -> None:
@@ -30,9 +30,9 @@ def app(cfg: DictConfig) -> dict | float:
     _quiet_lightning()
     name = cfg.get("optimized_metric")
     try:
-        if name and str(name).split("/")[0] not in cfg.method:  # fail before the run, not after it
-            raise ConfigError(f"optimized_metric={name!r} must start with a method that is run: "
-                              + ", ".join(f"{m}/..." for m in cfg.method))
+        if name and name not in metric_names(cfg.method):  # fail before the run, not after it
+            raise ConfigError(f"optimized_metric={name!r} is not a metric of this run; valid: "
+                              + ", ".join(metric_names(cfg.method)))
         summary = run(cfg, HydraConfig.get().runtime.output_dir)
         return metric_value(summary, name) if name else summary
     except InstantiationException as err:

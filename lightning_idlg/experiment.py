@@ -7,7 +7,11 @@ Data flows one way: data set -> victims + private batch -> client's `share_gradi
 from __future__ import annotations
 
 import logging
+import math
+import os
+import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +29,7 @@ from lightning_idlg.data import pick_trials
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.monitor import ReconstructionMonitor, StepProgress
 from lightning_idlg.pictures import save_progress_strip, save_trial_picture
-from lightning_idlg.results import TrialStore, write_summary
+from lightning_idlg.results import TrialStore, read_records, write_summary
 from lightning_idlg.victim import make_victim
 
 log = logging.getLogger(__name__)
@@ -67,12 +71,46 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"method names {unknown} are not known; valid: {', '.join(METHOD_ORDER)}")
 
 
-def trials_per_batch(cfg: DictConfig, pending: int) -> int:
+def _on_gpu(cfg: DictConfig) -> bool:
+    return str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda") or (
+        cfg.trainer.get("accelerator") == "auto" and torch.cuda.is_available())
+
+
+def trials_per_batch(cfg: DictConfig, pending: int, world: int = 1) -> int:
+    """K; `auto`: the device's constant, but no more than an even share of the pending trials per rank."""
     if cfg.trials_per_batch != "auto":
         return int(cfg.trials_per_batch)
-    gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda") or (
-        cfg.trainer.get("accelerator") == "auto" and torch.cuda.is_available())
-    return max(1, min(pending, GPU_TRIALS_PER_BATCH if gpu else CPU_TRIALS_PER_BATCH))
+    base = GPU_TRIALS_PER_BATCH if _on_gpu(cfg) else CPU_TRIALS_PER_BATCH
+    return max(1, min(math.ceil(pending / world), base))
+
+
+def world_size(cfg: DictConfig) -> int:
+    """How many ranks attack at once: one process per device of `trainer.devices` (1: this process alone).
+
+    With `trainer=ddp` (devices N > 1) the ranks share out the trials and never synchronize a gradient;
+    `strategy` may be `ddp`, `ddp_spawn` or `auto`, which all mean exactly that here (see `launch_ranks`)."""
+    devices = cfg.trainer.get("devices", 1)
+    if devices in ("auto", -1, "-1"):
+        n = max(1, torch.cuda.device_count()) if _on_gpu(cfg) else 1
+    elif isinstance(devices, str) and "," in devices:  # Lightning's "0,1" (GPU indices)
+        n = len([d for d in devices.split(",") if d.strip()])
+    elif isinstance(devices, (int, str)) and not isinstance(devices, bool) and str(devices).strip().isdigit():
+        n = int(devices)
+    elif OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):  # [0, 2]: GPU indices
+        n = len(devices)
+    else:
+        raise ConfigError(f"trainer.devices must be a positive integer, a list of device indices or 'auto', "
+                          f"got {devices!r}")
+    if n < 1:
+        raise ConfigError(f"trainer.devices must be at least 1, got {devices!r}")
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if n > 1 and strategy not in RANK_STRATEGIES:
+        raise ConfigError(f"trainer.strategy={strategy!r} cannot share out trials over {n} devices; valid: "
+                          + ", ".join(RANK_STRATEGIES))
+    if n > 1 and int(cfg.trainer.get("num_nodes", 1)) != 1:
+        raise ConfigError("trainer.num_nodes must be 1 (one machine); for a cluster, run one job per machine "
+                          "with hydra/launcher=slurm")
+    return n
 
 
 def plan_trials(cfg: DictConfig, dataset_size: int) -> list[Trial]:
@@ -84,6 +122,7 @@ def plan_trials(cfg: DictConfig, dataset_size: int) -> list[Trial]:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     """Run the experiment `cfg` into `run_dir` (resuming what is there); returns the summary."""
     validate(cfg)
+    world = world_size(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     run_dir = Path(run_dir)
@@ -92,25 +131,42 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
 
     dataset = instantiate(cfg.dataset)
     methods = [m for m in METHOD_ORDER if m in cfg.method]
-    store = TrialStore(run_dir)
-    done = store.done()
+    done = recorded(run_dir)  # also what an interrupted multi-rank run left in its rank files
     trials = plan_trials(cfg, len(dataset))
     pending = [t for t in trials if any((m, t.index) not in done for m in methods)]
     if len(pending) < len(trials):
         log.info("resuming: %d of %d trials already recorded in %s", len(trials) - len(pending), len(trials),
-                 store.path)
-    k = trials_per_batch(cfg, len(pending))
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+                 run_dir / TRIALS_FILE)
+    k = trials_per_batch(cfg, len(pending), world)
+    batches = [pending[start:start + k] for start in range(0, len(pending), k)]
     (run_dir / "pictures").mkdir(exist_ok=True)
+    ranks = min(world, len(batches))  # no idle ranks; nothing (left) to do: no processes to start
+    if ranks <= 1:
+        return attack_and_record(cfg, run_dir, dataset, batches, done)
+    return launch_ranks(cfg, run_dir, batches, done, ranks)
 
+
+def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[Trial]],
+                      done: set[tuple[str, int]], rank: int = 0, world: int = 1, device: torch.device | None = None,
+                      barrier=None) -> dict[str, dict] | None:
+    """Attack `batches` and record each batch as it finishes; then (rank 0) the summary of all records.
+
+    One process (world 1): records go straight to trials.jsonl. A rank of several: to its own
+    trials.rank{rank}.jsonl; after `barrier` (every rank's records are on disk) rank 0 merges them."""
+    store = TrialStore(run_dir) if world == 1 else RankStore(run_dir, rank)
+    methods = [m for m in METHOD_ORDER if m in cfg.method]
+    # curves and panels come from one logger: rank 0's (its own batches); the others log nothing
+    logger = instantiate(cfg.logger) if cfg.get("logger") and rank == 0 else None
+    trainer_args = single_device_args(cfg, device)
     console = Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     step_offset = 0
-    with Progress(*columns, console=console, disable=not cfg.get("progress_bar", True)) as progress:
-        overall = progress.add_task("trials", total=len(pending) * len(methods))
+    show = cfg.get("progress_bar", True) and rank == 0
+    with Progress(*columns, console=console, disable=not show) as progress:
+        mine = sum(len(b) for b in batches) * len(methods)
+        overall = progress.add_task("trials" if world == 1 else f"trials (rank 0 of {world})", total=mine)
         steps_task = progress.add_task("steps", total=cfg.steps)
-        for start in range(0, len(pending), k):
-            batch = pending[start:start + k]
+        for batch in batches:
             private, shared = prepare_batch(cfg, dataset, batch)
             results = {}
             for method in methods:
@@ -120,18 +176,171 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
                 progress.update(steps_task, description=f"{method} steps", completed=0)
                 result, used = attack_batch(cfg, method, shared, batch, logger, step_offset,
                                             [ReconstructionMonitor(private.images, step_offset),
-                                             StepProgress(progress, steps_task)])
+                                             StepProgress(progress, steps_task)], trainer_args)
                 step_offset += used
                 results[method] = result
                 store.append(evaluate(cfg, result, private, batch, todo))
                 progress.advance(overall, len(todo))
             save_pictures(cfg, run_dir, batch, private, results)
+            del private, shared, results  # a finished batch is on disk: keep nothing of it while the next runs
     if logger is not None:
         logger.finalize("success")
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    merge_rank_files(run_dir)
+    store = TrialStore(run_dir)
     summary = write_summary(run_dir, store.records())
-    tracking.log_run_results(logger, store.records(), summary, run_dir)  # config, summary, W&B table
+    tracking.log_run_results(logger, store.records(), summary, run_dir, step_offset)  # config, summary, table
     print_summary(summary, Console())  # the result goes to stdout; progress went to stderr
     return summary
+
+
+# Several ranks --------------------------------------------------------------------------------------------
+# Why not Lightning's DDP for the attack itself: the experiment builds one Trainer per attack batch, and a
+# DDP-wrapped GradientInversion would all-reduce the dummies' gradients between ranks, mixing trials that
+# must stay independent. Instead Lightning Fabric only *launches* the ranks (DDPStrategy, start method
+# "spawn": a fresh interpreter per rank, which works from the app, from tests and from scripts alike, and
+# with CUDA) and gives each its rank, world size, device and a barrier (gloo, also on GPUs: the group
+# carries nothing but that barrier). The parent plans the batches once; rank r attacks batches r, r+N,
+# r+2N, ... with ordinary single-device Trainers on its own device (cuda:r, or a CPU process with
+# cores/N threads) and appends each finished batch to its own trials.rank{r}.jsonl (flushed and fsynced,
+# like trials.jsonl: a crash loses no finished trial, and no two processes ever write one file). After
+# the barrier rank 0 merges the rank files into trials.jsonl (skipping (method, index) pairs already
+# there), deletes them, and writes the one summary.json. Resume reads trials.jsonl plus any rank files an
+# interrupted run left behind (`recorded`), so a rerun, with any number of ranks, skips all of them.
+RANK_STRATEGIES = ("auto", "ddp", "ddp_spawn")
+TRIALS_FILE = "trials.jsonl"
+RANK_FILE_GLOB = "trials.rank*.jsonl"
+
+
+class RankStore(TrialStore):
+    """One rank's records, `trials.rank{rank}.jsonl`, until rank 0 merges them into trials.jsonl."""
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        super().__init__(run_dir)
+        self.path = Path(run_dir) / f"trials.rank{rank}.jsonl"
+
+
+def recorded(run_dir: str | Path) -> set[tuple[str, int]]:
+    """(method, index) pairs on disk, after merging leftover rank files into trials.jsonl (resume)."""
+    merge_rank_files(run_dir)
+    return TrialStore(run_dir).done()
+
+
+def merge_rank_files(run_dir: str | Path) -> int:
+    """Append the records of trials.rank*.jsonl that trials.jsonl lacks (sorted by trial), fsync, then
+    delete the rank files. Safe to repeat: a crash between the append and the delete duplicates nothing.
+    Returns how many records were added."""
+    run_dir = Path(run_dir)
+    store = TrialStore(run_dir)
+    _end_with_newline(store.path)  # a line torn by a crash must not swallow the next record
+    files = sorted(run_dir.glob(RANK_FILE_GLOB))
+    if not files:
+        return 0
+    done = store.done()
+    new = []
+    for path in files:
+        for record in read_records(path):  # a torn last line (killed mid-write) is skipped
+            key = (record["method"], int(record["index"]))
+            if key not in done:
+                done.add(key)
+                new.append(record)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    new.sort(key=lambda r: (int(r["index"]), order.get(r["method"], len(order))))
+    if new:
+        store.append(new)
+    for path in files:
+        path.unlink()
+    return len(new)
+
+
+def _end_with_newline(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def single_device_args(cfg: DictConfig, device: torch.device | None) -> dict:
+    """Trainer overrides that keep every attack Trainer on one device of this process: never DDP.
+    `device`: a rank's own device; None: this process alone, on the first configured device."""
+    args = {}
+    if str(cfg.trainer.get("strategy", "auto")) != "auto":
+        args["strategy"] = "auto"
+    if device is not None:
+        args["devices"] = [device.index or 0] if device.type == "cuda" else 1
+    elif world_size(cfg) > 1:
+        args["devices"] = [_gpu_indices(cfg, 1)[0]] if _on_gpu(cfg) else 1
+    return args
+
+
+def _gpu_indices(cfg: DictConfig, n: int) -> list[int]:
+    """The first n GPUs of trainer.devices (a list, "0,1", or a count / auto: 0, 1, ...)."""
+    devices = cfg.trainer.get("devices", 1)
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        return [int(d) for d in devices][:n]
+    if isinstance(devices, str) and "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()][:n]
+    return list(range(n))
+
+
+def launch_ranks(cfg: DictConfig, run_dir: Path, batches: list[list[Trial]], done: set[tuple[str, int]],
+                 world: int) -> dict[str, dict]:
+    """Start `world` ranks with Lightning Fabric (see the comment above); returns rank 0's summary."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.fabric.strategies import DDPStrategy
+
+    # the ranks get a plain config: Hydra's resolvers (${hydra:...}) exist only in this process
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    gpu = _on_gpu(cfg)
+    fabric = Fabric(accelerator="cuda" if gpu else "cpu", devices=_gpu_indices(cfg, world) if gpu else world,
+                    num_nodes=1, strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo",
+                                                      # ranks are the spawned processes' indices, also
+                                                      # inside a SLURM job (whose SLURM_PROCID is one task's)
+                                                      cluster_environment=LightningEnvironment()))
+    # one pickled payload: Fabric's launcher would otherwise walk the arguments (and refuses dataclasses)
+    payload = pickle.dumps((plain, str(run_dir), batches, done, _process_state()))
+    return fabric.launch(_rank_main, payload)
+
+
+def _rank_main(fabric, payload: bytes) -> dict[str, dict] | None:
+    """One rank: its share of the batches (r, r+N, ...), its rank file; rank 0 merges and summarizes."""
+    cfg, run_dir, batches, done, state = pickle.loads(payload)
+    _restore_process_state(state)
+    if cfg.get("threads"):  # else Lightning gave each rank cores / N threads
+        torch.set_num_threads(int(cfg.threads))
+    rank, world = fabric.global_rank, fabric.world_size
+    dataset = instantiate(cfg.dataset)
+    return attack_and_record(cfg, Path(run_dir), dataset, batches[rank::world], done, rank, world,
+                             fabric.device, fabric.barrier)
+
+
+LOGGER_NAMES = ("lightning", "lightning.pytorch", "lightning.fabric", __name__)
+
+
+def _process_state() -> dict:
+    """Log levels and warning filters of this process (the app quiets Lightning), for the spawned ranks."""
+    filters = []
+    for f in warnings.filters:
+        try:
+            pickle.dumps(f)
+            filters.append(f)
+        except Exception:  # a filter on a class the ranks cannot import: leave it out
+            continue
+    return {"levels": {name: logging.getLogger(name).level for name in LOGGER_NAMES}, "filters": filters}
+
+
+def _restore_process_state(state: dict) -> None:
+    for name, level in state["levels"].items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filters[:] = state["filters"]
 
 
 def prepare_batch(cfg: DictConfig, dataset, batch: list[Trial]):
@@ -147,7 +356,7 @@ def prepare_batch(cfg: DictConfig, dataset, batch: list[Trial]):
 
 
 def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logger, step_offset: int,
-                 callbacks) -> tuple[AttackResult, int]:
+                 callbacks, trainer_args: dict | None = None) -> tuple[AttackResult, int]:
     attack: GradientInversion = instantiate(cfg.method[method])(
         shared=shared,
         optimizer=instantiate(cfg.optimizer),
@@ -158,7 +367,7 @@ def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logge
         snapshot_trials=sum(t.index < cfg.progress_trials for t in batch),
     )
     trainer = instantiate(cfg.trainer, max_steps=cfg.steps, logger=logger if logger is not None else False,
-                          callbacks=callbacks)
+                          callbacks=callbacks, **(trainer_args or {}))
     trainer.fit(attack)
     return attack.result(), int(attack.steps_used.max())
 

@@ -2,6 +2,8 @@
 
 `ReconstructionMonitor` is on the evaluation side of the wall: it holds the private images to log the
 MSE / PSNR curves the paper plots, and only reads the attack's dummies; the attack never sees it.
+With a W&B logger it also logs image panels (tracking.log_panel: ground truth over reconstruction of
+the first few trials) every `logger.image_every` steps and at the batch's last step.
 `StepProgress` advances a rich progress bar per optimizer step.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_idlg import metrics
+from lightning_idlg import metrics, tracking
 
 
 class ReconstructionMonitor(pl.Callback):
@@ -37,6 +39,18 @@ class ReconstructionMonitor(pl.Callback):
             f"{prefix}/psnr": float(psnr.median()),
             f"{prefix}/active_trials": int((~(pl_module.converged | pl_module.diverged)).sum()),
         }, step=self.step_offset + step)
+        if tracking.panel_due(trainer.logger, step):
+            self._panel(trainer, pl_module, dummy)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # the batch's final reconstructions, also when it stopped early (all trials converged) between panels
+        if trainer.logger is not None and not tracking.panel_due(trainer.logger, trainer.global_step):
+            self._panel(trainer, pl_module, pl_module.dummy.detach().cpu())
+
+    def _panel(self, trainer, pl_module, dummy: torch.Tensor) -> None:
+        if trainer.is_global_zero:  # building the grid is work: skip it where Lightning would drop the log
+            tracking.log_panel(trainer.logger, pl_module.method, self.private_images, dummy,
+                               self.step_offset + trainer.global_step)
 
 
 class StepProgress(pl.Callback):

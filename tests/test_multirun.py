@@ -1,0 +1,67 @@
+"""Hydra multirun through the real entry point: one job dir per combination, each with its results; and
+the Optuna sweeper config, which needs the app to return `optimized_metric` as a float."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_module
+
+FAST = ["trials=1", "steps=2", "dataset.image_size=8", "optimizer.max_iter=2", "threads=1", "progress_bar=false",
+        "pictures=false"]
+
+
+def run_app(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}  # no test here may reach for W&B
+    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_dir_per_job(tmp_path):
+    done = run_app("-m", "method=dlg,idlg", "dataset=digits,faces", f"hydra.sweep.dir={tmp_path}", *FAST)
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        (record,) = [json.loads(line) for line in (job / "trials.jsonl").read_text().splitlines()]
+        assert list(summary) == [record["method"]]
+        seen.add((record["method"], record["dataset"]))
+    assert seen == {(m, d) for m in ("dlg", "idlg") for d in ("digits", "faces")}
+
+
+def test_optuna_config_composes():
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        cfg = compose("config", overrides=["hparams_search=optuna_lbfgs"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.max_iter", "optimizer.history_size"}
+    assert cfg.optimized_metric == "idlg/fidelity/1e-03" and list(cfg.method) == ["idlg"]
+    assert cfg.optimizer._target_.endswith("BatchedLBFGS")
+
+
+@pytest.mark.slow
+def test_optuna_runs_two_trials_on_the_returned_metric(tmp_path):
+    fast = [o for o in FAST if not o.startswith("optimizer.")]  # a fixed value would take it out of the search
+    done = run_app("-m", "hparams_search=optuna_lbfgs", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}",
+                   *fast)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert isinstance(result["best_value"], float) and 0.0 <= result["best_value"] <= 1.0
+    assert set(result["best_params"]) == {"optimizer.lr", "optimizer.max_iter", "optimizer.history_size"}
+    assert len([p for p in tmp_path.iterdir() if (p / "summary.json").is_file()]) == 2
+
+
+def test_bad_optimized_metric_fails_before_running(tmp_path):
+    done = run_app("optimized_metric=dlg/fidelity/1e-03", "method=idlg", f"hydra.run.dir={tmp_path}", *FAST)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: optimized_metric='dlg/fidelity/1e-03' is not a metric of this run; valid: "
+                           "idlg/trials, idlg/label_accuracy, idlg/fidelity/1e-02, ")
+    assert not (tmp_path / "trials.jsonl").exists()

@@ -1,0 +1,133 @@
+"""Trials over several ranks (trainer=ddp, 2 CPU processes): one trials.jsonl and one summary.json with every
+trial exactly once and the same results as one process; the launcher configs for many jobs compose."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from lightning_idlg import experiment
+from lightning_idlg.errors import ConfigError
+from lightning_idlg.experiment import Trial, merge_rank_files, trials_per_batch, world_size
+from lightning_idlg.results import read_records
+
+TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "threads=1"]
+# what two runs of the same trials may differ in: timing, and how the trials were batched
+VARYING = {"seconds", "batch_size"}
+
+
+def cfg_of(*overrides: str, hydra: bool = False):
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def comparable(records: list[dict]) -> dict[tuple[str, int], dict]:
+    return {(r["method"], r["index"]): {k: v for k, v in r.items() if k not in VARYING} for r in records}
+
+
+def test_two_cpu_ranks_write_one_file_with_every_trial_once_and_the_one_process_results(tmp_path):
+    args = [*TINY, "method=both", "trials=6", "trials_per_batch=2"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "lightning_idlg", "trainer=ddp", *args,
+                           f"hydra.run.dir={tmp_path / 'ddp'}"], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stderr  # Lightning's banner: two ranks joined the group
+    assert done.stdout.count("lightning_idlg summary") == 1  # rank 0 alone prints the summary
+
+    run_dir = tmp_path / "ddp"
+    records = read_records(run_dir / "trials.jsonl")
+    assert len((run_dir / "trials.jsonl").read_text().splitlines()) == len(records) == 12
+    assert Counter((r["method"], r["index"]) for r in records) == Counter(
+        {(m, i): 1 for m in ("dlg", "idlg") for i in range(6)})
+    assert not list(run_dir.glob("trials.rank*.jsonl"))  # merged into trials.jsonl, then removed
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {m: s["trials"] for m, s in summary.items()} == {"dlg": 6, "idlg": 6}
+    assert sorted(p.name for p in (run_dir / "pictures").glob("trial_*.png")) == [
+        f"trial_{i:05d}.png" for i in range(6)]
+
+    # no gradient crossed between ranks: each trial ends exactly where it ends in one process
+    one = experiment.run(cfg_of(*args, "pictures=false"), tmp_path / "one")
+    assert comparable(records) == comparable(read_records(tmp_path / "one" / "trials.jsonl"))
+    assert one == {m: {**s, "seconds": one[m]["seconds"]} for m, s in summary.items()}
+
+
+def test_rank_shares_are_disjoint_and_cover_every_batch():
+    batches = [[Trial(i, i, 0, 0)] for i in range(7)]
+    shares = [batches[r::3] for r in range(3)]
+    assert sorted(t.index for share in shares for batch in share for t in batch) == list(range(7))
+    assert [len(s) for s in shares] == [3, 2, 2]
+
+
+def test_world_size_and_auto_batch_size():
+    assert world_size(cfg_of()) == 1
+    assert world_size(cfg_of("trainer=ddp")) == 2
+    assert world_size(cfg_of("trainer=ddp", "trainer.devices=3")) == 3
+    assert world_size(cfg_of("trainer=gpu", "trainer.devices=[0,2]")) == 2
+    # auto: the CPU constant, but an even share per rank when there are few trials
+    assert trials_per_batch(cfg_of(), 1000) == experiment.CPU_TRIALS_PER_BATCH
+    assert trials_per_batch(cfg_of("trainer=ddp"), 10, world=2) == 5
+    assert trials_per_batch(cfg_of("trainer=ddp", "trials_per_batch=3"), 10, world=2) == 3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.strategy=fsdp", "trainer.strategy='fsdp' cannot share out trials over 2 devices"),
+    ("trainer.num_nodes=2", "trainer.num_nodes must be 1"),
+    ("trainer.devices=0", "trainer.devices must be at least 1"),
+])
+def test_bad_rank_settings_are_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        world_size(cfg_of("trainer=ddp", override))
+
+
+def test_merge_rank_files_adds_what_is_missing_once_and_removes_them(tmp_path):
+    def record(method, index):
+        return json.dumps({"method": method, "index": index, "status": "converged"})
+
+    (tmp_path / "trials.jsonl").write_text(record("idlg", 0) + "\n" + '{"method": "idlg", "ind')  # torn tail
+    (tmp_path / "trials.rank0.jsonl").write_text(record("idlg", 0) + "\n" + record("idlg", 2) + "\n")
+    (tmp_path / "trials.rank1.jsonl").write_text(record("dlg", 1) + "\n" + record("idlg", 1) + "\n" + '{"me')
+    assert merge_rank_files(tmp_path) == 3
+    assert [(r["method"], r["index"]) for r in read_records(tmp_path / "trials.jsonl")] == [
+        ("idlg", 0), ("dlg", 1), ("idlg", 1), ("idlg", 2)]
+    assert not list(tmp_path.glob("trials.rank*.jsonl"))
+    assert merge_rank_files(tmp_path) == 0
+
+
+def test_ddp_trainer_alone_runs_one_process_without_ddp(tmp_path):
+    # devices=1: no ranks are started and the attack Trainer gets no DDP strategy
+    assert experiment.single_device_args(cfg_of("trainer=ddp", "trainer.devices=1"), None) == {"strategy": "auto"}
+    summary = experiment.run(cfg_of("trainer=ddp", "trainer.devices=1", *TINY, "method=idlg", "trials=2",
+                                    "pictures=false"), tmp_path)
+    assert summary["idlg"]["trials"] == 2
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_hydra_launcher_configs_compose(launcher, target):
+    cfg = cfg_of(f"hydra/launcher={launcher}", hydra=True)
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "joblib":
+        assert cfg.hydra.launcher.n_jobs >= 1
+    else:
+        launch = cfg.hydra.launcher
+        assert launch.timeout_min > 0 and launch.cpus_per_task >= 1 and launch.tasks_per_node == 1
+        assert launch.nodes == 1 and launch.mem_gb > 0
+        assert "${hydra.sweep.dir}" in str(OmegaConfRaw.of(cfg, "hydra.launcher.submitit_folder"))
+
+
+class OmegaConfRaw:
+    @staticmethod
+    def of(cfg, key: str) -> str:
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.select(cfg, key.rsplit(".", 1)[0])
+        return node._get_node(key.rsplit(".", 1)[1])._value()

@@ -1,0 +1,173 @@
+"""W&B tracking: a real offline run of the app (`python -m lightning_idlg logger=wandb`), read back from the
+run's own files: the `.wandb` record log (history, summary, config, tags) and files/media (panels, table).
+
+wandb 0.31 writes no wandb-summary.json or config.yaml for an offline run; everything is in
+run-<id>.wandb, the log `wandb sync` uploads. It is LevelDB's log format (32 KiB blocks of records with a
+7-byte header: CRC32, length, type FULL/FIRST/MIDDLE/LAST) after a 7-byte ":W&B" file header, each record a
+`wandb.proto.wandb_internal_pb2.Record`; `read_wandb_records` below reads it (wandb ships no reader now).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_idlg import tracking
+from lightning_idlg.results import summarize
+
+FAST = ["trials=2", "steps=3", "dataset=digits", "dataset.image_size=8", "optimizer.max_iter=2", "threads=1",
+        "progress_bar=false", "pictures=false"]
+
+
+def read_wandb_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run log"
+    block, pos, chunk, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is zero padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:  # zero padding up to the block's end
+            pos += left
+            continue
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE.../LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def _items(updates) -> dict:
+    # nested keys (an image's fields under its key) are joined with ".", W&B's own nesting separator
+    return {(".".join(u.nested_key) if u.nested_key else u.key): json.loads(u.value_json) for u in updates}
+
+
+def load_offline_run(run_dir: Path) -> dict:
+    """history rows, summary, config, tags and group of an offline run dir (wandb/offline-run-*)."""
+    out = {"history": [], "summary": {}, "config": {}, "tags": [], "group": ""}
+    for record in read_wandb_records(next(run_dir.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append(_items(record.history.item))
+        elif kind == "summary":
+            out["summary"].update(_items(record.summary.update))
+        elif kind == "config":
+            out["config"].update(_items(record.config.update))
+        elif kind == "run":
+            out["config"].update(_items(record.run.config.update))
+            out["tags"], out["group"] = list(record.run.tags), record.run.run_group
+    return out
+
+
+def wandb_env(tmp_path: Path, **extra) -> dict:
+    """Offline, silent, and every wandb folder inside tmp_path (staging of the table artifact included)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    for key, name in (("WANDB_DIR", "wandb_dir"), ("WANDB_DATA_DIR", "wandb_data"),
+                      ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_CONFIG_DIR", "wandb_config")):
+        env[key] = str(tmp_path / name)
+    env.update(WANDB_SILENT="true", NETRC=str(tmp_path / "no_netrc"), **extra)
+    return env
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_curves_panels_table_summary_config(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lightning_idlg", "logger=wandb", "logger.image_every=2", "logger.image_trials=2",
+           f"hydra.run.dir={run_dir}", *FAST]
+    done = subprocess.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")  # save_dir is the Hydra run dir
+    run = load_offline_run(wandb_run)
+    records = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+
+    # per-step curves, on one step axis that continues from the DLG batch into the iDLG batch
+    curves = [h for h in run["history"] if "idlg/mse" in h or "dlg/mse" in h]
+    for method, steps in (("dlg", [1, 2, 3]), ("idlg", [4, 5, 6])):
+        rows = [h for h in curves if f"{method}/distance" in h]
+        assert [h["trainer/global_step"] for h in rows] == steps
+        assert all({f"{method}/{k}" for k in ("mse", "psnr", "active_trials")} <= set(h) for h in rows)
+
+    # image panels, PNG files under files/media/images/<method>/: at the batch's step 2 (image_every=2) and
+    # at its last step, 3
+    panels = [h for h in run["history"] if "idlg/reconstructions._type" in h or "dlg/reconstructions._type" in h]
+    assert [h["trainer/global_step"] for h in panels] == [2, 3, 5, 6]
+    for h in panels:
+        key = "dlg" if "dlg/reconstructions.path" in h else "idlg"
+        assert h[f"{key}/reconstructions._type"] == "image-file"
+        # 2 trials x (ground truth, reconstruction) of 8x8, padding 1: a 19 x 19 grid
+        assert (h[f"{key}/reconstructions.width"], h[f"{key}/reconstructions.height"]) == (19, 19)
+        assert (wandb_run / "files" / h[f"{key}/reconstructions.path"]).is_file()
+
+    # the per-trial table: one row per trial and method, as in trials.jsonl
+    (table_row,) = [h for h in run["history"] if h.get("trials._type") == "table-file"]
+    table = json.loads((wandb_run / "files" / table_row["trials.path"]).read_text())
+    assert table["columns"] == list(tracking.TABLE_COLUMNS)
+    assert sorted((r[0], r[1]) for r in table["data"]) == sorted((r["method"], r["index"]) for r in records)
+    by_key = {(r["method"], r["index"]): r for r in records}
+    for row in table["data"]:
+        record = by_key[row[0], row[1]]
+        assert row[2:4] == [record["label"], record["predicted_label"]] and row[7:] == [record["status"],
+                                                                                      record["steps"]]
+        assert row[4] == pytest.approx(record["mse"])
+
+    # run.summary: label accuracy, fidelity at the five thresholds, status counts, median steps
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for method in ("dlg", "idlg"):
+        assert run["summary"][f"{method}/label_accuracy"] == summary[method]["label_accuracy"]
+        for t in ("1e-02", "5e-03", "1e-03", "5e-04", "1e-04"):
+            assert run["summary"][f"{method}/fidelity/{t}"] == summary[method]["fidelity"][str(float(t))]
+        for status in ("converged", "not_converged", "diverged"):
+            assert run["summary"][f"{method}/status/{status}"] == summary[method]["status"][status]
+        assert f"{method}/steps_to_converge" in run["summary"]
+
+    # the resolved config, and the tags
+    assert run["config"]["trials"] == 2 and run["config"]["optimizer"]["max_iter"] == 2
+    assert run["config"]["logger"]["save_dir"] == str(run_dir)
+    assert run["tags"] == ["dlg", "idlg", "digits"] and run["group"] == ""
+
+
+def test_auto_mode_is_offline_without_api_key(tmp_path, monkeypatch):
+    for key, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert tracking.resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.resolve_mode("auto") == "disabled"  # the environment's choice wins
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.resolve_mode("auto") == "online"
+    assert tracking.resolve_mode("offline") == "offline"
+    with pytest.raises(ValueError, match="logger.mode='cloud' is not known; valid: auto, online"):
+        tracking.resolve_mode("cloud")
+
+
+def test_flat_summary_names_and_metric_value():
+    records = [{"method": "idlg", "label_correct": True, "mse": m, "psnr": 30.0, "ssim": 0.9, "status": s,
+                "steps": 4, "evaluations": 40, "seconds": 1.0}
+               for m, s in ((1e-5, "converged"), (2e-3, "not_converged"), (math.nan, "diverged"))]
+    flat = tracking.flat_summary(summarize(records))
+    assert flat["idlg/fidelity/1e-03"] == pytest.approx(1 / 3)
+    assert flat["idlg/fidelity/5e-03"] == pytest.approx(2 / 3)
+    assert flat["idlg/status/diverged"] == 1 and flat["idlg/steps_to_converge"] == 4
+    assert "idlg/median_psnr" in flat and "idlg/psnr" not in flat  # the curve keeps the plain name
+    assert not any("." in name for name in flat)  # W&B would read a dot as nesting
+    assert list(flat) == tracking.metric_names(["idlg"])
+    assert tracking.metric_value(summarize(records), "idlg/label_accuracy") == 1.0
+    with pytest.raises(tracking.MetricNameError, match=r"optimized_metric='idlg/fidelity/0.001' is not in the"):
+        tracking.metric_value(summarize(records), "idlg/fidelity/0.001")
