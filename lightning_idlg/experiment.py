@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import pickle
 import time
@@ -305,6 +306,9 @@ def launch_ranks(cfg: DictConfig, run_dir: Path, batches: list[list[Trial]], don
                                                       # ranks are the spawned processes' indices, also
                                                       # inside a SLURM job (whose SLURM_PROCID is one task's)
                                                       cluster_environment=LightningEnvironment()))
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # a joblib (loky) worker of a Hydra multirun: a spawned rank could not set up loky's start method
+        multiprocessing.set_start_method("spawn", force=True)
     # one pickled payload: Fabric's launcher would otherwise walk the arguments (and refuses dataclasses)
     payload = pickle.dumps((plain, str(run_dir), batches, done, _process_state()))
     return fabric.launch(_rank_main, payload)
