@@ -52,6 +52,7 @@ def test_paper_presets_are_the_reference_protocol():
         assert (cfg.trials, cfg.steps, cfg.tolerance) == (1000, 300, 1e-6)
         assert cfg.model.factory.activation == "sigmoid" and cfg.model.init_scale == 0.5
         assert set(cfg.method) == {"dlg", "idlg"} and cfg.method.idlg.label_rule == "weight_sum"
+        assert set(cfg_of(f"experiment={name}", "method=dlg").method) == {"dlg"}  # a preset with one method
         opt = cfg.optimizer
         assert (opt.lr, opt.max_iter, opt.history_size, opt.line_search_fn) == (1.0, 20, 100, None)
 

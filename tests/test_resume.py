@@ -132,3 +132,25 @@ def test_a_killed_run_loses_no_finished_trial_and_the_rerun_completes_it(tmp_pat
     after = read_records(trials_file)
     assert Counter((r["method"], r["index"]) for r in after) == Counter({("idlg", i): 1 for i in range(16)})
     assert after[:len(before)] == before  # what was recorded before the kill stays as it was
+
+
+def test_nothing_of_a_finished_batch_stays_in_memory(tmp_path, monkeypatch):
+    """Records stream to disk, and each batch's attack module (its K trials' L-BFGS history) is freed before
+    the next batch starts: memory does not grow with the number of trials."""
+    import weakref
+
+    from lightning_idlg.attack import GradientInversion
+
+    modules: list[weakref.ref] = []
+    alive_at_batch_start: list[int] = []
+    real_fit_start = GradientInversion.on_train_start
+
+    def on_train_start(self):
+        alive_at_batch_start.append(sum(ref() is not None for ref in modules))
+        modules.append(weakref.ref(self))
+        real_fit_start(self)
+
+    monkeypatch.setattr(GradientInversion, "on_train_start", on_train_start)
+    experiment.run(cfg_of("method=idlg", "trials=4", "trials_per_batch=1"), tmp_path)
+    assert len(modules) == 4 and alive_at_batch_start == [0, 0, 0, 0]
+    assert len(lines(tmp_path)) == 4
