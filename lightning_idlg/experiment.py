@@ -322,8 +322,7 @@ def launch_ranks(cfg: DictConfig, run_dir: Path, batches: list[list[Trial]], don
     from lightning.fabric.plugins.environments import LightningEnvironment
     from lightning.fabric.strategies import DDPStrategy
 
-    # the ranks get a plain config: Hydra's resolvers (${hydra:...}) exist only in this process
-    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    plain = rank_config(cfg)
     gpu = _on_gpu(cfg)
     fabric = Fabric(accelerator="cuda" if gpu else "cpu", devices=_gpu_indices(cfg, world) if gpu else world,
                     num_nodes=1, strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo",
@@ -336,6 +335,15 @@ def launch_ranks(cfg: DictConfig, run_dir: Path, batches: list[list[Trial]], don
     # one pickled payload: Fabric's launcher would otherwise walk the arguments (and refuses dataclasses)
     payload = pickle.dumps((plain, str(run_dir), batches, done, _process_state()))
     return fabric.launch(_rank_main, payload)
+
+
+def rank_config(cfg: DictConfig) -> DictConfig:
+    """The config a spawned rank gets: plain values, since Hydra's resolvers (${hydra:...}) and state exist
+    only in this process; so also the multirun's W&B group, which `WandbTracker` reads from that state."""
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    if plain.get("logger") and "group" in plain.logger and plain.logger.group is None:
+        plain.logger.group = tracking.multirun_group()
+    return plain
 
 
 def _rank_main(fabric, payload: bytes) -> dict[str, dict] | None:

@@ -171,3 +171,20 @@ def test_flat_summary_names_and_metric_value():
     assert tracking.metric_value(summarize(records), "idlg/label_accuracy") == 1.0
     with pytest.raises(tracking.MetricNameError, match=r"optimized_metric='idlg/fidelity/0.001' is not in the"):
         tracking.metric_value(summarize(records), "idlg/fidelity/0.001")
+
+
+def test_spawned_ranks_keep_the_multirun_group(monkeypatch):
+    """trainer=ddp in a multirun: the ranks are fresh interpreters without Hydra's state, so the parent puts
+    the multirun's group into their config (else rank 0 would log an ungrouped run)."""
+    from omegaconf import OmegaConf
+
+    from lightning_idlg.experiment import rank_config
+
+    monkeypatch.setattr(tracking, "multirun_group", lambda: "2026-01-01-12-00-00")
+    cfg = OmegaConf.create({"logger": {"_target_": "lightning_idlg.tracking.WandbTracker", "group": None},
+                            "trials": "${steps}", "steps": 3})
+    plain = rank_config(cfg)
+    assert plain.logger.group == "2026-01-01-12-00-00" and plain.trials == 3
+    cfg.logger.group = "mine"  # a group the user set wins
+    assert rank_config(cfg).logger.group == "mine"
+    assert rank_config(OmegaConf.create({"logger": None})).logger is None  # logger=none: nothing to group
