@@ -36,12 +36,12 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
 # --- reference runs --------------------------------------------------------------------------------
 
 
-def run_torch_lbfgs(f, x0: torch.Tensor, steps: int):
+def run_torch_lbfgs(f, x0: torch.Tensor, steps: int, line_search_fn: str | None = None):
     """torch.optim.LBFGS(lr=1, max_iter=20, history_size=100), no line search. Per step: the point
     after it, the closure evaluations, whether its final point was left unevaluated (the step ended on
     max_iter after a move), and the loss it returns (the loss at the start of the step)."""
     x = x0.clone().requires_grad_()
-    opt = torch.optim.LBFGS([x], lr=1, max_iter=MAX_ITER, history_size=100)
+    opt = torch.optim.LBFGS([x], lr=1, max_iter=MAX_ITER, history_size=100, line_search_fn=line_search_fn)
     evaluated: list[torch.Tensor] = []
 
     def closure():
@@ -197,6 +197,27 @@ def test_lbfgs_k1_matches_torch_on_idlg_objective():
     assert float(b_losses[-1][0]) < 1e-8
 
 
+@pytest.mark.parametrize("problem", ["rosenbrock", "idlg"])
+def test_lbfgs_strong_wolfe_k1_matches_torch(problem):
+    """line_search_fn="strong_wolfe" (the `improved` variant): the same points, line-search evaluations and
+    returned losses as torch.optim.LBFGS with its strong-Wolfe search."""
+    if problem == "rosenbrock":
+        f, x0, steps = rosenbrock(100.0), x_start(1), 6
+    else:
+        f, x0, _ = _tiny_idlg(seed=1)
+        steps = 4
+    t_points, t_evals, t_open, t_returned = run_torch_lbfgs(f, x0[0], steps, line_search_fn="strong_wolfe")
+    b_points, b_evals, b_losses = run_batched(BatchedLBFGS, [f], x0, steps, lr=1, max_iter=MAX_ITER,
+                                              history_size=100, line_search_fn="strong_wolfe")
+    for s, (tp, bp) in enumerate(zip(t_points, b_points)):
+        assert close(bp[0], tp), f"step {s}: {(bp[0] - tp).abs().max().item():.3g}"
+    assert not any(t_open)  # a line search always ends on an evaluated point
+    assert [e[0] for e in b_evals] == expected_batched_evals(t_evals, t_open)
+    assert t_evals[0] > MAX_ITER + 1  # line searches took more than one evaluation per iteration
+    for s in range(steps - 1):
+        assert math.isclose(float(b_losses[s][0]), t_returned[s + 1], rel_tol=1e-6, abs_tol=1e-12)
+
+
 # --- K trials: no coupling ----------------------------------------------------------------------------
 
 
@@ -231,6 +252,19 @@ def test_lbfgs_batched_trials_equal_single_runs():
     assert totals[1] < 21  # the isotropic trial stops within the first step
     assert b_evals[0][2] == 21  # the Rosenbrock trial runs the full first step
     assert close(b_points[-1][1], fs[1].centre.view(1, 8), rtol=1e-6)
+
+
+def test_lbfgs_strong_wolfe_batched_trials_equal_single_runs():
+    fs, x0 = _four_trials(), x_start(4, seed=7)
+    kw = dict(line_search_fn="strong_wolfe")
+    b_points, b_evals, b_losses = run_batched(BatchedLBFGS, fs, x0, 4, **kw)
+    alone = _alone(fs, x0, 4, **kw)
+    for k in range(4):
+        a_points, a_evals, a_losses = alone[k]
+        for s in range(4):
+            assert close(b_points[s][k], a_points[s][0]), (k, s)
+        assert [e[k] for e in b_evals] == [e[0] for e in a_evals], k
+    assert len({sum(e[k] for e in b_evals) for k in range(4)}) >= 3
 
 
 def test_lbfgs_frozen_trial_neither_moves_nor_is_evaluated_and_resumes_unchanged():
@@ -279,9 +313,9 @@ def test_lbfgs_nan_in_one_trial_does_not_spread():
         assert [e[k] for e in b_evals] == [e[0] for e in alone[k][1]]
 
 
-def test_lbfgs_rejects_line_search_and_parameters_without_trial_dim():
-    with pytest.raises(ValueError, match="strong_wolfe"):
-        BatchedLBFGS([torch.zeros(2, 3, requires_grad=True)], line_search_fn="strong_wolfe")
+def test_lbfgs_rejects_unknown_line_search_and_parameters_without_trial_dim():
+    with pytest.raises(ValueError, match="valid: null .*strong_wolfe"):
+        BatchedLBFGS([torch.zeros(2, 3, requires_grad=True)], line_search_fn="backtracking")
     with pytest.raises(ValueError, match="trial dimension"):
         BatchedLBFGS([torch.zeros(2, 3, requires_grad=True), torch.zeros(3, 3, requires_grad=True)])
 
