@@ -132,9 +132,9 @@ def engine_command(args, plan: dict, run_dir: Path) -> list[str]:
                ["dataset=faces", "dataset.image_size=32", "dataset.num_classes=100"])
     ranks = ([f"trainer=ddp", f"trainer.devices={args.ranks}"] if args.ranks > 1 else [])
     threads = [f"threads={args.threads}"] if args.threads else []
-    return [sys.executable, "-m", "lightning_idlg", "experiment=paper_cifar100", "method=idlg", *dataset,
+    return [sys.executable, "-m", "lightning_idlg", f"experiment={args.preset}", "method=idlg", *dataset,
             f"trials={args.trials}", f"seed={args.seed}", f"trials_per_batch={args.batch}", *ranks, *threads,
-            "pictures=false", "progress_trials=0", "progress_bar=false", f"hydra.run.dir={run_dir}"]
+            "pictures=false", "progress_trials=0", "progress_bar=false", f"hydra.run.dir={run_dir}", *args.override]
 
 
 # --------------------------------------------------------------------------------------------- shared
@@ -233,6 +233,12 @@ def main() -> None:
     parser.add_argument("--reference-threads", type=int, default=0,
                         help="threads of the reference process (0: PyTorch's default, as the reference runs)")
     parser.add_argument("--skip-reference", action="store_true", help="engine only (no speedup line)")
+    parser.add_argument("--reuse-reference", metavar="DIR",
+                        help="take the reference's results from an earlier benchmark dir (same trials, seed, data)")
+    parser.add_argument("--preset", default="paper_cifar100",
+                        help="the engine's experiment: paper_cifar100 (the protocol) or paper_cifar100_improved")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further Hydra override for the engine (repeatable), e.g. patience=20")
     parser.add_argument("--part", choices=["reference"], help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -251,12 +257,21 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
 
     speed = {}
-    if not args.skip_reference:
+    if args.reuse_reference:  # the reference is the slow half: measure it once per plan
+        earlier = Path(args.reuse_reference)
+        if json.loads((earlier / "plan.json").read_text()) != plan:
+            raise SystemExit(f"--reuse-reference {earlier}: its plan (trials, seed, data) differs from this one")
+        run = json.loads((earlier / "reference_run.json").read_text())
+        ref = json.loads((earlier / "reference.json").read_text())
+        print(f"reference: reused from {earlier}")
+    elif not args.skip_reference:
         result = out / "reference.json"
         run = timed([sys.executable, str(Path(__file__).resolve()), "--part", "reference", "--plan",
                      str(out / "plan.json"), "--result", str(result), "--reference-threads",
                      str(args.reference_threads)], out / "reference.log")
+        (out / "reference_run.json").write_text(json.dumps(run))
         ref = json.loads(result.read_text())
+    if args.reuse_reference or not args.skip_reference:
         attack_s = sum(r["seconds"] for r in ref["trials"])
         speed["reference"] = report("reference", run, ref["trials"],
                                     f"one process, {ref['threads']} threads, attacks alone {attack_s:.1f} s")

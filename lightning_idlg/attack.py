@@ -9,7 +9,15 @@ its own victim weights, dummy, optimizer state and stopping, so results do not d
 
 One Lightning training step is one optimizer step (an L-BFGS step runs up to max_iter evaluations through
 the closure). A trial stops when D < tolerance (converged) or when its dummy or D is no longer finite or
-|x'| exceeds `divergence_bound` (diverged); when all K stopped, training stops.
+|x'| exceeds `divergence_bound` (diverged), or after `steps` steps (not converged); when all K stopped,
+training stops.
+
+Beyond the paper (all off by default, on in the `*_improved` presets), per trial:
+- `patience`: stop early (not converged) once D has not halved within `patience` steps: a trial that
+  stalls (at D ~ 1e-6 as most successful ones do, or far above it) stops costing evaluations;
+- `restarts`: a trial that diverges, or stalls with D still above `restart_distance`, starts again from a
+  fresh draw of the dummy (the next draws of its own seed) with a fresh optimizer state and `steps` steps,
+  at most `restarts` times; the record counts its restarts.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ class AttackResult:
     steps: torch.Tensor
     evaluations: torch.Tensor
     seconds: float
+    restarts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
@@ -54,7 +63,8 @@ class GradientInversion(pl.LightningModule):
     def __init__(self, shared: SharedGradient, method: str = "idlg",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, steps: int = 300,
                  tolerance: float = 1e-6, divergence_bound: float = 1e4, label_rule: str = "weight_sum",
-                 dummy_seeds: list[int] | None = None, snapshot_every: int = 10, snapshot_trials: int = 0):
+                 dummy_seeds: list[int] | None = None, snapshot_every: int = 10, snapshot_trials: int = 0,
+                 patience: int | None = None, restarts: int = 0, restart_distance: float = 1e-2):
         super().__init__()
         if method not in METHODS:
             raise ConfigError(f"method={method!r} is not known; valid: {', '.join(METHODS)}")
@@ -62,7 +72,12 @@ class GradientInversion(pl.LightningModule):
             raise ConfigError(f"label_rule={label_rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
         if not isinstance(shared, SharedGradient):
             raise TypeError("GradientInversion takes a SharedGradient record (what the client shared) only")
+        if patience is not None and (not isinstance(patience, int) or patience < 1):
+            raise ConfigError(f"patience must be null or a positive integer, got {patience!r}")
+        if not isinstance(restarts, int) or restarts < 0:
+            raise ConfigError(f"restarts must be a non-negative integer, got {restarts!r}")
         self.automatic_optimization = False  # the closure is ours: it returns one D per trial
+        self.patience, self.max_restarts, self.restart_distance = patience, restarts, restart_distance
         self.method, self.label_rule = method, label_rule
         self.steps, self.tolerance, self.divergence_bound = steps, tolerance, divergence_bound
         self.snapshot_every, self.snapshot_trials = snapshot_every, snapshot_trials
@@ -77,6 +92,7 @@ class GradientInversion(pl.LightningModule):
         self._distance = batched_distance(self.model)
 
         seeds = dummy_seeds if dummy_seeds is not None else list(range(k))
+        self.dummy_seeds = list(seeds)
         dummy, logits = _draw_dummies(seeds, shared.input_shape, shared.num_classes)
         self.dummy = nn.Parameter(dummy)
         if method == "dlg":
@@ -88,6 +104,12 @@ class GradientInversion(pl.LightningModule):
         self.register_buffer("steps_used", torch.zeros(k, dtype=torch.long))
         self.register_buffer("converged", torch.zeros(k, dtype=torch.bool))
         self.register_buffer("diverged", torch.zeros(k, dtype=torch.bool))
+        self.register_buffer("stopped", torch.zeros(k, dtype=torch.bool))  # out of steps, or stalled
+        self.register_buffer("attempt_steps", torch.zeros(k, dtype=torch.long))  # steps since the last (re)start
+        self.register_buffer("restarts", torch.zeros(k, dtype=torch.long))
+        # patience: the distance D last halved to, and the attempt step when that happened
+        self.register_buffer("anchor_distance", torch.full((k,), float("inf")))
+        self.register_buffer("anchor_step", torch.zeros(k, dtype=torch.long))
         self.snapshots: dict[int, torch.Tensor] = {}
         self._started = 0.0
         self.seconds = 0.0
@@ -127,9 +149,14 @@ class GradientInversion(pl.LightningModule):
         params = [self.dummy] + ([self.dummy_label] if self.method == "dlg" else [])
         return self.optimizer_factory(params)
 
+    @property
+    def max_steps(self) -> int:
+        """Steps a batch may take: `steps` per attempt, a restarted trial has `restarts` more attempts."""
+        return self.steps * (1 + self.max_restarts)
+
     def train_dataloader(self):
         # The data is the shared gradient, held by the module; the loader only paces the steps.
-        return DataLoader(range(self.steps), batch_size=None)
+        return DataLoader(range(self.max_steps), batch_size=None)
 
     def on_train_start(self) -> None:
         self._started = time.perf_counter()
@@ -154,8 +181,10 @@ class GradientInversion(pl.LightningModule):
         distance = optimizer.step(closure=closure)
         self.distance = torch.where(running, distance, self.distance)
         self.steps_used += running.long()
+        self.attempt_steps += running.long()
         self._update_status(running)
-        raw.active = ~(self.converged | self.diverged)
+        self._restart(raw)
+        raw.active = ~(self.converged | self.diverged | self.stopped)
         step = self.global_step
         if self.snapshot_every and step % self.snapshot_every == 0:
             self._snapshot(step)
@@ -171,6 +200,39 @@ class GradientInversion(pl.LightningModule):
             finite &= torch.isfinite(self.dummy_label.detach()).all(1)
         self.diverged |= running & (~finite | blown_up)
         self.converged |= running & ~self.diverged & (self.distance < self.tolerance)
+        open_ = running & ~self.diverged & ~self.converged
+        if self.patience is not None:
+            halved = open_ & (self.distance < 0.5 * self.anchor_distance)
+            self.anchor_distance = torch.where(halved, self.distance, self.anchor_distance)
+            self.anchor_step = torch.where(halved, self.attempt_steps, self.anchor_step)
+            self.stopped |= open_ & (self.attempt_steps - self.anchor_step >= self.patience)
+        self.stopped |= open_ & (self.attempt_steps >= self.steps)
+
+    def _restart(self, raw) -> None:
+        """Trials that diverged, or stopped with D >= restart_distance, and have restarts left: a fresh
+        dummy (the next draw of the trial's own seed), a fresh optimizer state, `steps` more steps."""
+        if not self.max_restarts:
+            return
+        failed = self.diverged | (self.stopped & ~(self.distance < self.restart_distance))
+        again = failed & (self.restarts < self.max_restarts)
+        if not again.any():
+            return
+        rows = again.nonzero().squeeze(1)
+        self.restarts[rows] += 1
+        for row in rows.tolist():
+            dummy, logits = _draw_dummies([self.dummy_seeds[row]], tuple(self.dummy.shape[1:]), self.num_classes,
+                                          attempt=int(self.restarts[row]))
+            with torch.no_grad():
+                self.dummy[row] = dummy[0].to(self.dummy)
+                if self.method == "dlg":
+                    self.dummy_label[row] = logits[0].to(self.dummy_label)
+        for flag in (self.diverged, self.stopped):
+            flag[rows] = False
+        self.attempt_steps[rows] = 0
+        self.anchor_distance[rows] = float("inf")
+        self.anchor_step[rows] = 0
+        self.distance[rows] = float("inf")
+        raw.reset(again)
 
     def _snapshot(self, step: int) -> None:
         if self.snapshot_trials:
@@ -198,14 +260,18 @@ class GradientInversion(pl.LightningModule):
             evaluations=self.evaluations,
             seconds=self.seconds,
             snapshots=self.snapshots,
+            restarts=self.restarts.cpu(),
         )
 
 
-def _draw_dummies(seeds: list[int], input_shape: tuple[int, ...], num_classes: int):
-    """x' ~ N(0, 1) and l' ~ N(0, 1), each trial from its own seed (independent of the batch it runs in)."""
+def _draw_dummies(seeds: list[int], input_shape: tuple[int, ...], num_classes: int, attempt: int = 0):
+    """x' ~ N(0, 1) and l' ~ N(0, 1), each trial from its own seed (independent of the batch it runs in);
+    restart number `attempt` takes the (attempt + 1)-th draw of the same generator."""
     dummies, logits = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
-        dummies.append(torch.randn(input_shape, generator=g))
-        logits.append(torch.randn(num_classes, generator=g))
+        for _ in range(attempt + 1):
+            dummy, logit = torch.randn(input_shape, generator=g), torch.randn(num_classes, generator=g)
+        dummies.append(dummy)
+        logits.append(logit)
     return torch.stack(dummies), torch.stack(logits)

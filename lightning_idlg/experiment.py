@@ -398,11 +398,14 @@ def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logge
         optimizer=instantiate(cfg.optimizer),
         steps=cfg.steps,
         tolerance=cfg.tolerance,
+        patience=cfg.get("patience"),
+        restarts=cfg.get("restarts", 0),
+        restart_distance=cfg.get("restart_distance", 1e-2),
         dummy_seeds=[t.dummy_seed for t in batch],
         snapshot_every=cfg.snapshot_every,
         snapshot_trials=sum(t.index < cfg.progress_trials for t in batch),
     )
-    trainer = instantiate(cfg.trainer, max_steps=cfg.steps, logger=logger if logger is not None else False,
+    trainer = instantiate(cfg.trainer, max_steps=attack.max_steps, logger=logger if logger is not None else False,
                           callbacks=callbacks, **(trainer_args or {}))
     trainer.fit(attack)
     return attack.result(), int(attack.steps_used.max())
@@ -434,6 +437,7 @@ def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch
             "status": result.status[row],
             "steps": int(result.steps[row]),
             "evaluations": int(result.evaluations[row]),
+            "restarts": int(result.restarts[row]) if len(result.restarts) else 0,
             "seconds": result.seconds / len(batch),  # the batch's wall time, shared among its trials
             "batch_size": len(batch),
             "seed": cfg.seed,

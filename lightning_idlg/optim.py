@@ -152,6 +152,12 @@ class BatchedLBFGS(_TrialOptimizer):
             r.addcmul_((alphas[:, i] - be)[:, None], s_flat.index_select(0, index[:, i]))
         return r
 
+    def reset(self, mask: torch.Tensor) -> None:
+        """Forget the trials in mask (a restart): their next step is a first step, as for a new optimizer.
+        Their evaluation counts go on (they are the trial's total)."""
+        self.n_iter[mask] = 0
+        self.known[mask] = False
+
     def _line_search(self, closure: Callable[[], torch.Tensor], run: torch.Tensor, gtd: torch.Tensor,
                      max_ls: torch.Tensor, tolerance_change: float) -> torch.Tensor:
         """A strong-Wolfe line search along self.d from t = self.t for each trial in `run`, all trials'
@@ -350,6 +356,12 @@ class BatchedAdam(_TrialOptimizer):
         self.m = torch.zeros(k, n, **like)
         self.v = torch.zeros(k, n, **like)
         self.age = torch.zeros(k, **like)
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Forget the trials in mask (a restart): moments and step count back to zero."""
+        self.m[mask] = 0
+        self.v[mask] = 0
+        self.age[mask] = 0
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]

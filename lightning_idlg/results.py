@@ -74,6 +74,8 @@ def summarize(records: list[dict]) -> dict[str, dict]:
             "steps_to_converge": median([float(r["steps"]) for r in converged]),
             "evaluations_to_converge": median([float(r["evaluations"]) for r in converged]),
             "seconds": sum(float(r["seconds"]) for r in rows),
+            "evaluations": sum(int(r.get("evaluations", 0)) for r in rows),
+            "restarts": sum(int(r.get("restarts", 0)) for r in rows),  # records from before restarts: 0
         }
     return summary
 

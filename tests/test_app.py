@@ -57,6 +57,46 @@ def test_paper_presets_are_the_reference_protocol():
         assert (opt.lr, opt.max_iter, opt.history_size, opt.line_search_fn) == (1.0, 20, 100, None)
 
 
+def test_improved_presets_are_the_paper_protocol_plus_line_search_restarts_patience():
+    for name in ("paper_mnist", "paper_cifar100", "paper_lfw"):
+        paper, improved = cfg_of(f"experiment={name}"), cfg_of(f"experiment={name}_improved")
+        assert improved.optimizer.line_search_fn == "strong_wolfe" and paper.optimizer.line_search_fn is None
+        assert (improved.patience, improved.restarts) == (20, 2) and (paper.patience, paper.restarts) == (None, 0)
+        for key in ("dataset", "model", "method", "trials", "steps", "tolerance", "seed"):
+            assert improved[key] == paper[key], key
+
+
+def test_restarts_redraw_a_diverged_trial_and_are_recorded(tmp_path):
+    """divergence_bound 0.5: every N(0, 1) dummy 'diverges' at once, so each trial uses all its restarts,
+    each from the next draw of its own seed, and ends diverged."""
+    from lightning_idlg.attack import _draw_dummies
+
+    run(cfg_of("method=idlg", "trials=2", "steps=5", "restarts=2", "method.idlg.divergence_bound=0.5",
+               "dataset.image_size=16", "pictures=false", "progress_trials=0"), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r["restarts"] for r in records] == [2, 2]
+    assert [r["status"] for r in records] == ["diverged", "diverged"]
+    assert [r["steps"] for r in records] == [3, 3]  # one step per attempt
+    first, second = _draw_dummies([7], (1, 4, 4), 10), _draw_dummies([7], (1, 4, 4), 10, attempt=1)
+    assert not torch.equal(first[0], second[0])
+    assert torch.equal(second[0], _draw_dummies([7], (1, 4, 4), 10, attempt=1)[0])  # deterministic
+
+
+def test_patience_stops_a_trial_whose_distance_stops_halving(tmp_path):
+    """patience=1: a trial stops at the first step that does not halve D; without it, all 40 steps run."""
+    def records(*extra):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        run(cfg_of("dataset=digits", "method=idlg", "trials=4", "steps=40", "seed=3", "tolerance=1e-12",
+                   "pictures=false", "progress_trials=0", *extra), out)
+        return [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+
+    plain, patient = records(), records("patience=1")
+    assert all(r["steps"] == 40 or r["status"] == "diverged" for r in plain)
+    stopped = [r for r in patient if r["status"] == "not_converged"]
+    assert stopped and all(r["steps"] < 40 for r in stopped)
+    assert sum(r["evaluations"] for r in patient) < sum(r["evaluations"] for r in plain)
+
+
 def test_entry_point_writes_the_documented_outputs(tmp_path):
     out = tmp_path / "run"
     result = app("trials=2", "steps=3", "dataset.image_size=16", f"hydra.run.dir={out}", cwd=tmp_path)
