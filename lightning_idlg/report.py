@@ -3,15 +3,19 @@
     lightning-idlg-report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT] [--progress-trial N ...]
 
 Every `trials.jsonl` below each argument is read (one run, or a whole Hydra multirun dir). Records are
-grouped by (data set, method), the data set being the record's `dataset` field (the loader name); the same
-data set found in several runs is pooled. The numbers come from `results.summarize` and
-`metrics.fidelity`, the definitions the runs' own `summary.json` use. Written into `--out`:
+grouped by (data set, protocol, method), the data set being the record's `dataset` field (the loader name)
+and the protocol the run's: "paper", or "improved" when its config.yaml adds what the paper lacks (a line
+search, restarts, patience; `experiment=paper_*_improved`). Runs of the same data set and protocol are
+pooled; the two protocols never are, and improved rows are labelled "<data set>, improved". The numbers come
+from `results.summarize` and `metrics.fidelity`, the definitions the runs' own `summary.json` use. Written
+into `--out`:
 
 - `report.md`: runs and their commands, then the tables and figures below, with the paper's numbers beside
   ours where the paper has the data set (MNIST, CIFAR-100, LFW);
 - `label_accuracy.csv`: the paper's Table 1;
 - `fidelity.csv`, `fidelity.png`: share of trials with MSE below each threshold (the paper's Figure 1);
-- `convergence.csv`: status counts and medians (steps, evaluations, PSNR, SSIM, MSE, seconds per trial);
+- `convergence.csv`: status counts, total restarts and medians (steps, evaluations, PSNR, SSIM, MSE, seconds
+  per trial);
 - `progress_*.png`: reconstruction strips with step labels, DLG row above iDLG (the paper's Figure 2).
 """
 
@@ -40,9 +44,11 @@ from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summariz
 METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
 METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
 DATASET_ORDER = ("mnist", "cifar100", "lfw", "digits", "faces", "image_folder")
+PROTOCOLS = ("paper", "improved")        # row order within a data set
 FIDELITY_KEYS = paper.FIDELITY_KEYS      # "0.01" ... "0.0001", the keys of summarize()["fidelity"]
 COLORS = {"dlg": "tab:blue", "idlg": "tab:orange"}
 MARKERS = {"dlg": "o", "idlg": "^"}
+LINES = {"paper": "-", "improved": "-."}   # our curves by protocol; the paper's own curves are dashed
 # overrides that may differ between pooled runs without changing what a trial measures
 POOLABLE_KEYS = {"seed", "trials", "method", "trials_per_batch", "threads", "progress_bar", "pictures",
                  "progress_trials", "snapshot_every", "logger", "trainer", "dataset.root", "dataset.download"}
@@ -68,12 +74,28 @@ class Run:
     def label(self) -> str:
         return _safe(self.path.name) or "run"
 
+    @property
+    def protocol(self) -> str:
+        return protocol(self.config)
+
+
+def protocol(config: dict) -> str:
+    """"paper" when the run used none of what the improved presets add (a line search in L-BFGS, restarts,
+    patience), else "improved": the two measure different attacks, so they are never pooled. A run without
+    config.yaml ({}) counts as "paper", as before there were variants; `restart_distance` alone changes
+    nothing (it only matters with restarts)."""
+    optimizer = config.get("optimizer") or {}
+    if optimizer.get("line_search_fn") is None and not config.get("restarts") and config.get("patience") is None:
+        return "paper"
+    return "improved"
+
 
 @dataclass
 class Group:
-    """All records of one (data set, method), pooled over runs."""
+    """All records of one (data set, protocol, method), pooled over runs."""
 
     dataset: str
+    protocol: str
     method: str
     records: list[dict]
     summary: dict                                     # results.summarize()[method]
@@ -128,18 +150,19 @@ def _read_yaml(path: Path):
         return None
 
 
-def group_records(runs: list[Run]) -> dict[str, dict[str, Group]]:
-    """{dataset: {method: Group}}, data sets in the paper's order first, methods DLG then iDLG."""
-    by_dataset: dict[str, list[dict]] = defaultdict(list)
-    for run in runs:
+def group_records(runs: list[Run]) -> dict[tuple[str, str], dict[str, Group]]:
+    """{(dataset, protocol): {method: Group}}, data sets in the paper's order first, the paper protocol
+    before the improved one, methods DLG then iDLG."""
+    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for run in runs:                    # the protocol is the run's (its config), not the record's
         for record in run.records:
-            by_dataset[str(record["dataset"])].append(record)
+            by_key[str(record["dataset"]), run.protocol].append(record)
     groups = {}
-    for dataset in sorted(by_dataset, key=_dataset_rank):
-        records = by_dataset[dataset]
+    for key in sorted(by_key, key=_key_rank):
+        records = by_key[key]
         summary = summarize(records)
-        groups[dataset] = {
-            method: Group(dataset, method, [r for r in records if r["method"] == method], summary[method])
+        groups[key] = {
+            method: Group(*key, method, [r for r in records if r["method"] == method], summary[method])
             for method in sorted(summary, key=_method_rank)
         }
     return groups
@@ -149,6 +172,20 @@ def _dataset_rank(name: str):
     return (DATASET_ORDER.index(name) if name in DATASET_ORDER else len(DATASET_ORDER), name)
 
 
+def _key_rank(key: tuple[str, str]):
+    dataset, variant = key
+    return (_dataset_rank(dataset), PROTOCOLS.index(variant) if variant in PROTOCOLS else len(PROTOCOLS), variant)
+
+
+def _row_label(dataset: str, variant: str) -> str:
+    """The data set as a table row names it: paper-protocol rows by the data set alone, as before."""
+    return dataset if variant == "paper" else f"{dataset}, {variant}"
+
+
+def _datasets(groups) -> list[str]:
+    return list(dict.fromkeys(dataset for dataset, _ in groups))
+
+
 def _method_rank(name: str):
     return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
 
@@ -156,10 +193,11 @@ def _method_rank(name: str):
 # -- tables -------------------------------------------------------------------------------------------
 def label_accuracy_rows(groups) -> list[dict]:
     rows = []
-    for dataset, methods in groups.items():
+    for (dataset, variant), methods in groups.items():
         for method, g in methods.items():
             rows.append({
                 "dataset": dataset,
+                "protocol": variant,
                 "method": method,
                 "trials": g.summary["trials"],
                 "correct": g.correct,
@@ -172,10 +210,10 @@ def label_accuracy_rows(groups) -> list[dict]:
 
 def fidelity_rows(groups) -> list[dict]:
     rows = []
-    for dataset, methods in groups.items():
+    for (dataset, variant), methods in groups.items():
         for method, g in methods.items():
             ours, theirs = g.summary["fidelity"], paper.fidelity(dataset, method) or {}
-            row = {"dataset": dataset, "method": method, "trials": g.summary["trials"]}
+            row = {"dataset": dataset, "protocol": variant, "method": method, "trials": g.summary["trials"]}
             row.update({f"mse_below_{k}": ours[k] for k in FIDELITY_KEYS})
             row.update({f"paper_mse_below_{k}": _blank(theirs.get(k)) for k in FIDELITY_KEYS})
             rows.append(row)
@@ -184,14 +222,16 @@ def fidelity_rows(groups) -> list[dict]:
 
 def convergence_rows(groups) -> list[dict]:
     rows = []
-    for dataset, methods in groups.items():
+    for (dataset, variant), methods in groups.items():
         for method, g in methods.items():
             s = g.summary
             rows.append({
                 "dataset": dataset,
+                "protocol": variant,
                 "method": method,
                 "trials": s["trials"],
                 **{status: s["status"][status] for status in STATUSES},
+                "restarts": s["restarts"],              # total over the group's trials
                 "median_steps_to_converge": s["steps_to_converge"],
                 "median_evaluations_to_converge": s["evaluations_to_converge"],
                 "median_psnr": s["psnr"],
@@ -219,26 +259,35 @@ def _blank(value):
 # -- figures ------------------------------------------------------------------------------------------
 def plot_fidelity(groups, path: Path) -> None:
     """One panel per data set: share of trials with MSE < t against t (log axis, 1e-2 down to 1e-4, as
-    in the paper's Figure 1), ours solid, the paper's dashed."""
-    n = len(groups)
+    in the paper's Figure 1), ours solid (improved protocol: dash-dot), the paper's dashed."""
+    datasets = _datasets(groups)
+    n = len(datasets)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
     fig = Figure(figsize=(4.4 * ncols, 3.6 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (dataset, methods) in zip(axes, groups.items()):
-        for method, g in methods.items():
-            color = COLORS.get(method)
-            name = METHOD_NAMES.get(method, method)
-            ours = [100 * g.summary["fidelity"][k] for k in FIDELITY_KEYS]
-            ax.plot(FIDELITY_THRESHOLDS, ours, "-" + MARKERS.get(method, "o"), color=color,
-                    markersize=7 if method == "dlg" else 5,   # DLG's larger marker stays visible under iDLG's
-                    label=f"{name} (ours, n={g.summary['trials']})")
+    for ax, dataset in zip(axes, datasets):
+        methods = []
+        for (d, variant), by_method in groups.items():
+            if d != dataset:
+                continue
+            for method, g in by_method.items():
+                methods.append(method)
+                name = METHOD_NAMES.get(method, method)
+                source = "ours" if variant == "paper" else f"ours, {variant}"
+                ours = [100 * g.summary["fidelity"][k] for k in FIDELITY_KEYS]
+                ax.plot(FIDELITY_THRESHOLDS, ours, LINES.get(variant, ":") + MARKERS.get(method, "o"),
+                        color=COLORS.get(method),
+                        markersize=7 if method == "dlg" else 5,   # DLG's larger marker stays visible under iDLG's
+                        label=f"{name} ({source}, n={g.summary['trials']})")
+        for method in sorted(set(methods), key=_method_rank):   # once per method, whatever our protocols
             theirs = paper.fidelity(dataset, method)
             if theirs:
-                ax.plot(FIDELITY_THRESHOLDS, [100 * theirs[k] for k in FIDELITY_KEYS], "--", color=color,
-                        alpha=0.7, marker=MARKERS.get(method, "o"), markersize=4, markerfacecolor="white",
-                        label=f"{name} (paper, n={paper.TRIALS})")
+                ax.plot(FIDELITY_THRESHOLDS, [100 * theirs[k] for k in FIDELITY_KEYS], "--",
+                        color=COLORS.get(method), alpha=0.7, marker=MARKERS.get(method, "o"), markersize=4,
+                        markerfacecolor="white",
+                        label=f"{METHOD_NAMES.get(method, method)} (paper, n={paper.TRIALS})")
         ax.set_xscale("log")
         ax.set_xlim(max(FIDELITY_THRESHOLDS) * 1.3, min(FIDELITY_THRESHOLDS) / 1.3)   # reversed, as the paper
         ax.set_xticks(FIDELITY_THRESHOLDS, [f"{t:g}" for t in FIDELITY_THRESHOLDS], fontsize=8)
@@ -354,13 +403,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings: list[str]) -> str:
     lines = [f"# {title}", "",
              f"{sum(len(r.records) for r in runs)} trial records from {len(runs)} run(s), grouped by data set "
-             "(the loader that produced the images) and method; runs of the same data set are pooled. "
-             f"Paper: {paper.SOURCE}.", ""]
+             "(the loader that produced the images), protocol and method; runs of the same data set and "
+             "protocol are pooled. Protocol: the paper's, or *improved* (a line search, restarts or patience "
+             "in the run's config, e.g. `experiment=paper_mnist_improved`): those rows are labelled "
+             f"\"<data set>, improved\" and never pooled with the paper protocol's. Paper: {paper.SOURCE}.", ""]
 
     lines += ["## Runs", ""]
-    lines += _table(["run dir", "data set", "records (DLG / iDLG / other)", "dataset.root", "command"], [[
+    lines += _table(["run dir", "data set", "protocol", "records (DLG / iDLG / other)", "dataset.root",
+                     "command"], [[
         f"`{run.path}`",
         ", ".join(sorted({str(r["dataset"]) for r in run.records}, key=_dataset_rank)) or DASH,
+        run.protocol,
         " / ".join(str(n) for n in _method_counts(run.records)),
         f"`{(run.config.get('dataset') or {}).get('root')}`" if (run.config.get("dataset") or {}).get("root")
         else DASH,
@@ -375,8 +428,8 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
     methods = _all_methods(groups)
     for m in methods:
         header += [f"{METHOD_NAMES.get(m, m)} ours", f"{METHOD_NAMES.get(m, m)} paper"]
-    for dataset, by_method in groups.items():
-        row = [dataset + (f" ({paper.DATASETS[dataset]})" if dataset in paper.DATASETS else "")]
+    for (dataset, variant), by_method in groups.items():   # the paper's value beside improved rows too
+        row = [_row_label(dataset, variant) + (f" ({paper.DATASETS[dataset]})" if dataset in paper.DATASETS else "")]
         for m in methods:
             g = by_method.get(m)
             row.append(f"{_pct(g.summary['label_accuracy'])} ({g.correct}/{g.summary['trials']})" if g else DASH)
@@ -390,11 +443,14 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
               f"{paper.FIDELITY_NOTE}.", "", "![fidelity](fidelity.png)", ""]
     header = ["data set", "method", "source", "trials"] + [f"MSE < {k}" for k in FIDELITY_KEYS]
     rows = []
-    for dataset, by_method in groups.items():
-        for m, g in by_method.items():
+    for dataset in _datasets(groups):   # per method: our protocols' rows, then the paper's row once
+        for m in _all_methods({k: v for k, v in groups.items() if k[0] == dataset}):
             name = METHOD_NAMES.get(m, m)
-            rows.append([dataset, name, "ours", g.summary["trials"]]
-                        + [_pct(g.summary["fidelity"][k]) for k in FIDELITY_KEYS])
+            for (d, variant), by_method in groups.items():
+                if d == dataset and m in by_method:
+                    g = by_method[m]
+                    rows.append([_row_label(dataset, variant), name, "ours", g.summary["trials"]]
+                                + [_pct(g.summary["fidelity"][k]) for k in FIDELITY_KEYS])
             theirs = paper.fidelity(dataset, m)
             if theirs:
                 rows.append([dataset, name, f"paper ({paper.DATASETS[dataset]})", paper.TRIALS]
@@ -413,14 +469,15 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
     lines += ["## Convergence", "",
               "Status counts; medians of steps and objective evaluations over converged trials, of PSNR / SSIM "
               "(images clamped to [0, 1]) and MSE over all trials; seconds per trial = a batch's wall time "
-              "divided by its trials.", ""]
+              "divided by its trials; restarts = total over the trials (the paper protocol has none; records "
+              "from before restarts count 0).", ""]
     header = ["data set", "method", "trials", *STATUSES, "steps", "evaluations", "PSNR (dB)", "SSIM", "MSE",
-              "s / trial"]
-    rows = [[r["dataset"], METHOD_NAMES.get(r["method"], r["method"]), r["trials"],
+              "s / trial", "restarts"]
+    rows = [[_row_label(r["dataset"], r["protocol"]), METHOD_NAMES.get(r["method"], r["method"]), r["trials"],
              *(r[s] for s in STATUSES), _num(r["median_steps_to_converge"]),
              _num(r["median_evaluations_to_converge"]), _num(r["median_psnr"], ".1f"), _num(r["median_ssim"], ".3f"),
              _sci(r["median_mse"]) if not math.isnan(r["median_mse"]) else DASH,
-             _num(r["median_seconds_per_trial"], ".3g")] for r in convergence_rows(groups)]
+             _num(r["median_seconds_per_trial"], ".3g"), r["restarts"]] for r in convergence_rows(groups)]
     lines += _table(header, rows) + ["", "CSV: `convergence.csv`.", ""]
 
     lines += ["## Notes", ""]
@@ -443,7 +500,7 @@ def _all_methods(groups) -> list[str]:
 def notes(runs: list[Run], groups) -> list[str]:
     """Facts a reader needs to weigh the numbers: data provenance and what pooling mixed."""
     found = []
-    subset_sets = [d for d in ("cifar100", "lfw") if d in groups]
+    subset_sets = [d for d in ("cifar100", "lfw") if d in _datasets(groups)]
     if subset_sets:
         names = " / ".join(paper.DATASETS[d] for d in subset_sets)
         found.append(
@@ -451,22 +508,28 @@ def notes(runs: list[Run], groups) -> list[str]:
             "in Runs. When that folder holds a subset (e.g. a shared local copy of part of the test split, "
             "which need not be a uniform sample), these are not the paper's samples: compare rates, not "
             "individual trials, and name the rows after the subset actually used.")
-    for dataset, by_method in groups.items():
+    if any(variant != "paper" for _, variant in groups):
+        found.append("Improved rows come from runs with a line search, restarts or patience (the "
+                     "`experiment=paper_*_improved` presets): not the paper's protocol. The paper's numbers beside "
+                     "them are for comparison; a same-seed paper-protocol run is the like-for-like baseline.")
+    for (dataset, variant), by_method in groups.items():
+        label = _row_label(dataset, variant)
         for m, g in by_method.items():
             keys = Counter((r.get("seed"), r.get("index")) for r in g.records)
             repeated = sum(n - 1 for n in keys.values() if n > 1)
             if repeated:
-                found.append(f"{dataset} / {METHOD_NAMES.get(m, m)}: {repeated} record(s) repeat a (seed, trial "
+                found.append(f"{label} / {METHOD_NAMES.get(m, m)}: {repeated} record(s) repeat a (seed, trial "
                              "index) already counted from another run; pooled as they are.")
         trials = max(g.summary["trials"] for g in by_method.values())
         images = {r.get("image_index") for g in by_method.values() for r in g.records}
         if len(images) < trials:
-            found.append(f"{dataset}: {len(images)} distinct images among {trials} trials per method (a run "
+            found.append(f"{label}: {len(images)} distinct images among {trials} trials per method (a run "
                          "draws images again once its trials exceed the data set, and runs may share images).")
-        varying = _varying_overrides([run for run in runs if any(str(r["dataset"]) == dataset
-                                                                 for r in run.records)])
+        # only the runs pooled into this row: a paper and an improved run differ by design, not by accident
+        varying = _varying_overrides([run for run in runs if run.protocol == variant
+                                      and any(str(r["dataset"]) == dataset for r in run.records)])
         if varying:
-            found.append(f"{dataset}: pooled runs differ in {', '.join(f'`{k}`' for k in varying)}; their trials "
+            found.append(f"{label}: pooled runs differ in {', '.join(f'`{k}`' for k in varying)}; their trials "
                          "are counted together.")
     return found
 

@@ -8,25 +8,31 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from lightning_idlg import paper
 from lightning_idlg.metrics import fidelity
-from lightning_idlg.report import main, write_report
+from lightning_idlg.report import main, protocol, write_report
 from lightning_idlg.results import read_records, summarize
 
 
 def record(method, index, mse, *, correct=True, status="converged", steps=10, evaluations=200, psnr=30.0,
-           ssim=0.5, seconds=1.0, dataset="mnist", seed=0, image_index=None):
-    return {"method": method, "index": index, "image_index": index if image_index is None else image_index,
-            "label": 3, "predicted_label": 3 if correct else 4, "label_correct": correct, "mse": mse,
-            "psnr": psnr, "ssim": ssim, "distance": 1e-7, "status": status, "steps": steps,
-            "evaluations": evaluations, "seconds": seconds, "batch_size": 4, "seed": seed, "dataset": dataset}
+           ssim=0.5, seconds=1.0, dataset="mnist", seed=0, image_index=None, restarts=None):
+    r = {"method": method, "index": index, "image_index": index if image_index is None else image_index,
+         "label": 3, "predicted_label": 3 if correct else 4, "label_correct": correct, "mse": mse,
+         "psnr": psnr, "ssim": ssim, "distance": 1e-7, "status": status, "steps": steps,
+         "evaluations": evaluations, "seconds": seconds, "batch_size": 4, "seed": seed, "dataset": dataset}
+    if restarts is not None:   # records from before restarts have no such field
+        r["restarts"] = restarts
+    return r
 
 
-def write_run(run_dir: Path, records, overrides=None, progress=None) -> Path:
+def write_run(run_dir: Path, records, overrides=None, progress=None, config=None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if config is not None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if overrides is not None:
         (run_dir / ".hydra").mkdir()
         (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
@@ -69,7 +75,8 @@ def mnist_report(tmp_path):
 
 def test_label_accuracy_table_is_exact(mnist_report):
     rows = read_csv(mnist_report / "label_accuracy.csv")
-    assert rows["mnist", "dlg"] == {"dataset": "mnist", "method": "dlg", "trials": "4", "correct": "3",
+    assert rows["mnist", "dlg"] == {"dataset": "mnist", "protocol": "paper", "method": "dlg", "trials": "4",
+                                    "correct": "3",
                                     "label_accuracy": "0.75", "paper_dataset": "MNIST",
                                     "paper_label_accuracy": "0.899"}
     assert float(rows["mnist", "idlg"]["label_accuracy"]) == 1.0
@@ -176,6 +183,83 @@ def test_subset_datasets_get_a_provenance_note(tmp_path):
     assert "CIFAR-100 / LFW" in notes and "not the paper's samples" in notes
     assert "| cifar100 | DLG | paper (CIFAR-100) | 1000 | 66.3 | 66.2 | 65.5 | 64.7 | 57.6 |" in text
     assert "| lfw | iDLG | paper (LFW) | 1000 | 91.5 | 91.4 | 91.1 | 90.9 | 83.3 |" in text
+
+
+# the config.yaml keys that tell the protocols apart, as the presets resolve them
+PAPER_CONFIG = {"optimizer": {"lr": 1.0, "line_search_fn": None}, "restarts": 0, "patience": None,
+                "restart_distance": 0.01, "seed": 0}
+IMPROVED_CONFIG = {"optimizer": {"lr": 1.0, "line_search_fn": "strong_wolfe"}, "restarts": 2, "patience": 20,
+                   "restart_distance": 0.01, "seed": 0}
+
+
+def test_protocol_of_a_config():
+    assert protocol({}) == protocol(PAPER_CONFIG) == "paper"                  # no config.yaml: as before
+    assert protocol({"optimizer": {"lr": 1.0}, "restart_distance": 0.5}) == "paper"   # inert without restarts
+    assert protocol(IMPROVED_CONFIG) == "improved"
+    for change in ({"optimizer": {"line_search_fn": "strong_wolfe"}}, {"restarts": 1}, {"patience": 5}):
+        assert protocol({**PAPER_CONFIG, **change}) == "improved"
+
+
+def read_rows(path: Path) -> dict[tuple[str, str, str], dict]:
+    with open(path, newline="") as f:
+        return {(row["dataset"], row["protocol"], row["method"]): row for row in csv.DictReader(f)}
+
+
+def test_improved_runs_are_reported_apart_from_the_paper_protocol(tmp_path):
+    """Same data set, two protocols: two sets of rows, never pooled; two improved runs pool with each other."""
+    # improved, pooled over seeds 0 and 1, all labels right:
+    # DLG MSE 1e-6, 2e-5, 4e-4, 0.5 -> below 0.01: 3/4, 0.005: 3/4, 0.001: 3/4, 0.0005: 3/4, 0.0001: 2/4
+    # iDLG MSE 1e-7, 1e-7, 3e-5, 6e-4 -> 4/4 down to 0.001, 3/4 at 0.0005 and 0.0001
+    # restarts: DLG 0 + 1 + 2 + 2 = 5, iDLG 0 + 2 + 1 + 0 = 3
+    write_run(tmp_path / "paper", MNIST, overrides=["experiment=paper_mnist", "trials=4"], config=PAPER_CONFIG)
+    write_run(tmp_path / "improved_0", [
+        record("dlg", 0, 1e-6, seed=0, restarts=0), record("dlg", 1, 2e-5, seed=0, restarts=1),
+        record("idlg", 0, 1e-7, seed=0, restarts=0), record("idlg", 1, 1e-7, seed=0, restarts=2),
+    ], overrides=["experiment=paper_mnist_improved", "seed=0"], config=IMPROVED_CONFIG)
+    write_run(tmp_path / "improved_1", [
+        record("dlg", 0, 4e-4, seed=1, restarts=2, image_index=2),
+        record("dlg", 1, 0.5, seed=1, restarts=2, status="not_converged", image_index=3),
+        record("idlg", 0, 3e-5, seed=1, restarts=1, image_index=2),
+        record("idlg", 1, 6e-4, seed=1, restarts=0, image_index=3),
+    ], overrides=["experiment=paper_mnist_improved", "seed=1"], config={**IMPROVED_CONFIG, "seed": 1})
+    out = tmp_path / "out"
+    text = write_report([tmp_path], out).read_text()
+
+    labels = read_rows(out / "label_accuracy.csv")
+    assert sorted(labels) == [("mnist", p, m) for p in ("improved", "paper") for m in ("dlg", "idlg")]
+    assert [(r["trials"], r["correct"], r["label_accuracy"]) for r in labels.values()] == [
+        ("4", "3", "0.75"), ("4", "4", "1.0"), ("4", "4", "1.0"), ("4", "4", "1.0")]   # paper rows first
+    assert labels["mnist", "improved", "dlg"]["paper_label_accuracy"] == "0.899"     # the paper's, to compare
+    assert "| mnist (MNIST) | 75.0 (3/4) | 89.9 | 100.0 (4/4) | 100.0 |" in text
+    assert "| mnist, improved (MNIST) | 100.0 (4/4) | 89.9 | 100.0 (4/4) | 100.0 |" in text
+
+    fid = read_rows(out / "fidelity.csv")
+    keys = ("0.01", "0.005", "0.001", "0.0005", "0.0001")
+    assert [float(fid["mnist", "paper", "dlg"][f"mse_below_{k}"]) for k in keys] == [0.75, 0.75, 0.5, 0.25, 0.25]
+    assert [float(fid["mnist", "improved", "dlg"][f"mse_below_{k}"]) for k in keys] == [0.75, 0.75, 0.75, 0.75,
+                                                                                          0.5]
+    assert [float(fid["mnist", "improved", "idlg"][f"mse_below_{k}"]) for k in keys] == [1.0, 1.0, 1.0, 0.75,
+                                                                                           0.75]
+    assert "| mnist | DLG | ours | 4 | 75.0 | 75.0 | 50.0 | 25.0 | 25.0 |" in text
+    assert "| mnist, improved | DLG | ours | 4 | 75.0 | 75.0 | 75.0 | 75.0 | 50.0 |" in text
+    assert "| mnist, improved | iDLG | ours | 4 | 100.0 | 100.0 | 100.0 | 75.0 | 75.0 |" in text
+    assert text.count("| mnist | DLG | paper (MNIST) | 1000 |") == 1                # the paper's row once
+
+    conv = read_rows(out / "convergence.csv")
+    assert {k: conv[k]["restarts"] for k in conv} == {
+        ("mnist", "paper", "dlg"): "0", ("mnist", "paper", "idlg"): "0",              # no restarts field: 0
+        ("mnist", "improved", "dlg"): "5", ("mnist", "improved", "idlg"): "3"}
+    assert (conv["mnist", "improved", "dlg"]["converged"], conv["mnist", "improved", "dlg"]["not_converged"]) == (
+        "3", "1")
+    assert "| mnist, improved | DLG | 4 | 3 | 1 | 0 |" in text
+    assert "| mnist | DLG | 4 | 2 | 1 | 1 | 15 | 200 | 32.5 | 0.500 |" in text
+
+    notes = text.split("## Notes")[1]
+    assert "Improved rows" in notes and "differ in" not in notes     # the protocols are not pooled
+    assert "| paper | 4 / 4 / 0 |" in text and "| improved | 2 / 2 / 0 |" in text    # the runs table
+    with Image.open(out / "fidelity.png") as image:
+        assert image.format == "PNG"
+        image.verify()
 
 
 def test_paper_numbers():
