@@ -543,8 +543,10 @@ def _varying_overrides(runs: list[Run]) -> list[str]:
 
 # -- entry point --------------------------------------------------------------------------------------
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG / iDLG report",
-                 progress_trials: list[int] | None = None) -> Path:
-    """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`."""
+                 progress_trials: list[int] | None = None, progress_from: list[str | Path] | None = None) -> Path:
+    """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`.
+    `progress_from`: draw progress strips only of the runs at or below these paths ([]: none), e.g. only of
+    the built-in images when the others' terms do not allow publishing reconstructions of them."""
     runs = find_runs(run_dirs)
     groups = group_records(runs)
     if not groups:
@@ -555,7 +557,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
     write_csv(out / "fidelity.csv", fidelity_rows(groups))
     write_csv(out / "convergence.csv", convergence_rows(groups))
     plot_fidelity(groups, out / "fidelity.png")
-    strips = choose_strips(runs, progress_trials)
+    shown = runs if progress_from is None else [r for r in runs if _under(r.path, progress_from)]
+    strips = choose_strips(shown, progress_trials)
     for strip in strips:
         plot_progress(strip, out)
     report = out / "report.md"
@@ -575,15 +578,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-trial", type=int, action="append", metavar="INDEX", dest="progress_trials",
                         help="trial index whose progress picture to show, per run (repeatable; default: the "
                              "first progress picture of each run)")
+    parser.add_argument("--progress-from", action="append", metavar="RUN_DIR", dest="progress_from",
+                        help="draw progress pictures only of the runs at or below this path (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress pictures at all")
     args = parser.parse_args(argv)
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
+    progress_from = [] if args.no_progress else args.progress_from
     try:
-        report = write_report(args.run_dirs, out, args.title, args.progress_trials)
+        report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report)
     return 0
+
+
+def _under(path: Path, roots: list[str | Path]) -> bool:
+    path = Path(path).resolve()
+    return any(path == Path(root).resolve() or Path(root).resolve() in path.parents for root in roots)
 
 
 def _natural(text: str):

@@ -146,6 +146,22 @@ def test_strip_of_unexpected_geometry_is_copied(tmp_path):
     assert copied.read_bytes() == (run / "pictures" / "progress_00000.png").read_bytes()
 
 
+def test_progress_pictures_only_from_the_runs_asked_for(tmp_path, monkeypatch):
+    """--progress-from: strips of the built-in images only (other data sets' terms forbid publishing
+    reconstructions); --no-progress: none. The tables still pool every run."""
+    shared = write_run(tmp_path / "mnist", MNIST, progress=(2, 4, 28))
+    builtin = write_run(tmp_path / "digits", [record("dlg", 0, 1e-5, dataset="digits"),
+                                              record("idlg", 0, 1e-6, dataset="digits")], progress=(2, 4, 28))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(shared), str(builtin), "--out", "a", "--progress-from", str(builtin)]) == 0
+    assert [p.name for p in sorted((tmp_path / "a").glob("progress_*.png"))] == ["progress_00_digits_00000.png"]
+    assert sorted(read_csv(tmp_path / "a" / "fidelity.csv")) == [("digits", "dlg"), ("digits", "idlg"),
+                                                                  ("mnist", "dlg"), ("mnist", "idlg")]
+    assert main([str(shared), str(builtin), "--out", "b", "--no-progress"]) == 0
+    assert not list((tmp_path / "b").glob("progress_*.png"))
+    assert "No progress pictures" in (tmp_path / "b" / "report.md").read_text()
+
+
 def test_multirun_jobs_are_pooled_and_grouped(tmp_path, monkeypatch):
     sweep = tmp_path / "multirun"
     write_run(sweep / "0_seed=0", [record("dlg", i, m, seed=0) for i, m in enumerate((1e-5, 1.0))]
