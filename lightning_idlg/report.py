@@ -485,7 +485,40 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
     lines += [f"- Paper numbers: {paper.SOURCE}; fidelity values {paper.FIDELITY_NOTE}. The paper runs "
               f"{paper.TRIALS:,} trials per data set with one random image each; with fewer trials ours carry "
               "sampling error (one trial in n moves a share by 100/n points)."]
+    lines += ["", "## Made with", "", *[f"- {item}" for item in provenance()]]
     return "\n".join(lines) + "\n"
+
+
+def provenance() -> list[str]:
+    """When, with which versions and on what machine this report was written (the runs' own machine may
+    differ: their records carry seconds, not hardware)."""
+    import datetime
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    packages = ", ".join(f"{name} {v(name)}" for name in ("lightning_idlg", "torch", "torchvision", "lightning",
+                                                          "torchmetrics", "hydra-core"))
+    return [f"written {datetime.datetime.now().astimezone().isoformat(timespec='minutes')}",
+            f"{packages}; Python {platform.python_version()}",
+            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs ({_cpu_model()})"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "CPU model unknown"
 
 
 def _method_counts(records: list[dict]) -> list[int]:
@@ -543,7 +576,8 @@ def _varying_overrides(runs: list[Run]) -> list[str]:
 
 # -- entry point --------------------------------------------------------------------------------------
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG / iDLG report",
-                 progress_trials: list[int] | None = None, progress_from: list[str | Path] | None = None) -> Path:
+                 progress_trials: list[int] | None = None, progress_from: list[str | Path] | None = None,
+                 report_name: str = "report.md") -> Path:
     """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`.
     `progress_from`: draw progress strips only of the runs at or below these paths ([]: none), e.g. only of
     the built-in images when the others' terms do not allow publishing reconstructions of them."""
@@ -561,7 +595,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
     strips = choose_strips(shown, progress_trials)
     for strip in strips:
         plot_progress(strip, out)
-    report = out / "report.md"
+    report = out / report_name
     report.write_text(markdown(title, runs, groups, strips, notes(runs, groups)))
     return report
 
@@ -581,11 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-from", action="append", metavar="RUN_DIR", dest="progress_from",
                         help="draw progress pictures only of the runs at or below this path (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress pictures at all")
+    parser.add_argument("--report-name", default="report.md", help="file name of the markdown report")
     args = parser.parse_args(argv)
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
     progress_from = [] if args.no_progress else args.progress_from
     try:
-        report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from)
+        report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from, args.report_name)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

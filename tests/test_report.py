@@ -157,9 +157,12 @@ def test_progress_pictures_only_from_the_runs_asked_for(tmp_path, monkeypatch):
     assert [p.name for p in sorted((tmp_path / "a").glob("progress_*.png"))] == ["progress_00_digits_00000.png"]
     assert sorted(read_csv(tmp_path / "a" / "fidelity.csv")) == [("digits", "dlg"), ("digits", "idlg"),
                                                                   ("mnist", "dlg"), ("mnist", "idlg")]
-    assert main([str(shared), str(builtin), "--out", "b", "--no-progress"]) == 0
+    assert main([str(shared), str(builtin), "--out", "b", "--no-progress", "--report-name", "results.md"]) == 0
     assert not list((tmp_path / "b").glob("progress_*.png"))
-    assert "No progress pictures" in (tmp_path / "b" / "report.md").read_text()
+    text = (tmp_path / "b" / "results.md").read_text()
+    assert "No progress pictures" in text
+    from importlib.metadata import version
+    assert f"torch {version('torch')}" in text.split("## Made with")[1]  # versions, date, machine
 
 
 def test_multirun_jobs_are_pooled_and_grouped(tmp_path, monkeypatch):
