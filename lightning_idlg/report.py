@@ -400,8 +400,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings: list[str]) -> str:
-    lines = [f"# {title}", "",
+def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings: list[str],
+             preface: str = "") -> str:
+    lines = [f"# {title}", ""]
+    if preface.strip():  # the author's words (commands, what differs from the paper and why) before the numbers
+        lines += [preface.strip(), ""]
+    lines += [
              f"{sum(len(r.records) for r in runs)} trial records from {len(runs)} run(s), grouped by data set "
              "(the loader that produced the images), protocol and method; runs of the same data set and "
              "protocol are pooled. Protocol: the paper's, or *improved* (a line search, restarts or patience "
@@ -577,7 +581,7 @@ def _varying_overrides(runs: list[Run]) -> list[str]:
 # -- entry point --------------------------------------------------------------------------------------
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG / iDLG report",
                  progress_trials: list[int] | None = None, progress_from: list[str | Path] | None = None,
-                 report_name: str = "report.md") -> Path:
+                 report_name: str = "report.md", preface: str = "") -> Path:
     """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`.
     `progress_from`: draw progress strips only of the runs at or below these paths ([]: none), e.g. only of
     the built-in images when the others' terms do not allow publishing reconstructions of them."""
@@ -596,7 +600,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
     for strip in strips:
         plot_progress(strip, out)
     report = out / report_name
-    report.write_text(markdown(title, runs, groups, strips, notes(runs, groups)))
+    report.write_text(markdown(title, runs, groups, strips, notes(runs, groups), preface))
     return report
 
 
@@ -616,11 +620,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="draw progress pictures only of the runs at or below this path (repeatable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress pictures at all")
     parser.add_argument("--report-name", default="report.md", help="file name of the markdown report")
+    parser.add_argument("--preface", metavar="FILE", help="markdown put under the title (e.g. commands, notes)")
     args = parser.parse_args(argv)
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
     progress_from = [] if args.no_progress else args.progress_from
     try:
-        report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from, args.report_name)
+        preface = Path(args.preface).read_text() if args.preface else ""
+        report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from, args.report_name,
+                              preface)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -157,10 +157,13 @@ def test_progress_pictures_only_from_the_runs_asked_for(tmp_path, monkeypatch):
     assert [p.name for p in sorted((tmp_path / "a").glob("progress_*.png"))] == ["progress_00_digits_00000.png"]
     assert sorted(read_csv(tmp_path / "a" / "fidelity.csv")) == [("digits", "dlg"), ("digits", "idlg"),
                                                                   ("mnist", "dlg"), ("mnist", "idlg")]
-    assert main([str(shared), str(builtin), "--out", "b", "--no-progress", "--report-name", "results.md"]) == 0
+    (tmp_path / "preface.md").write_text("Commands: `lightning-idlg experiment=paper_mnist`.\n")
+    assert main([str(shared), str(builtin), "--out", "b", "--no-progress", "--report-name", "results.md",
+                 "--preface", "preface.md"]) == 0
     assert not list((tmp_path / "b").glob("progress_*.png"))
     text = (tmp_path / "b" / "results.md").read_text()
     assert "No progress pictures" in text
+    assert text.index("Commands: `lightning-idlg experiment=paper_mnist`.") < text.index("## Runs")
     from importlib.metadata import version
     assert f"torch {version('torch')}" in text.split("## Made with")[1]  # versions, date, machine
 
