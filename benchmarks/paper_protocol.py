@@ -3,6 +3,8 @@
     python benchmarks/paper_protocol.py                  # 50 trials
     python benchmarks/paper_protocol.py --trials 8       # a quick check
     python benchmarks/paper_protocol.py --data ../shared/data/cifar100 --ranks 2 --threads 1 --batch auto
+    python benchmarks/paper_protocol.py --preset paper_cifar100_improved --override tolerance=1e-5 \
+        --reuse-reference outputs/benchmarks/<time>    # another engine configuration, same reference
 
 Protocol (docs/paper.md): LeNet 3x32x32 (sigmoid, every weight and bias ~ U(-0.5, 0.5), fresh per trial),
 100 classes, one image per trial, cross-entropy gradient, iDLG (label from the last layer's weight
