@@ -55,7 +55,7 @@ class AttackResult:
     steps: torch.Tensor
     evaluations: torch.Tensor
     seconds: float
-    restarts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    restarts: torch.Tensor
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
 
 

@@ -41,27 +41,29 @@ class _TrialOptimizer(torch.optim.Optimizer):
             (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(self.trials, -1) for p in self._params
         ], dim=1)
 
+    def _per_parameter(self, flat: torch.Tensor):
+        """(parameter, its columns of the flat (K, N) tensor `flat` viewed in the parameter's shape)."""
+        offset = 0
+        for p in self._params:
+            numel = p[0].numel()
+            yield p, flat[:, offset:offset + numel].view_as(p)
+            offset += numel
+
     def _add_step(self, step: torch.Tensor, mask: torch.Tensor) -> None:
         """x += step for trials in mask (torch.where, so a NaN in a frozen row never spreads)."""
         step = torch.where(mask[:, None], step, torch.zeros_like(step))
-        offset = 0
         with torch.no_grad():
-            for p in self._params:
-                numel = p[0].numel()
-                p.add_(step[:, offset:offset + numel].view_as(p))
-                offset += numel
+            for p, part in self._per_parameter(step):
+                p.add_(part)
 
     def _flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(self.trials, -1) for p in self._params], dim=1)
 
     def _set_params(self, flat: torch.Tensor, mask: torch.Tensor) -> None:
         """x = flat for the trials in mask (the others keep their values)."""
-        offset = 0
         with torch.no_grad():
-            for p in self._params:
-                numel = p[0].numel()
-                p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), flat[:, offset:offset + numel].view_as(p), p))
-                offset += numel
+            for p, part in self._per_parameter(flat):
+                p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)), part, p))
 
     def _evaluate(self, closure: Callable[[], torch.Tensor], mask: torch.Tensor):
         """Objective and flat gradient for the trials in mask (others: zeros, ignored)."""
@@ -170,7 +172,7 @@ class BatchedLBFGS(_TrialOptimizer):
                                     float(self.d[r].abs().max()), tolerance_change=tolerance_change,
                                     max_ls=int(max_ls[r])) for r in rows}
         asked = {r: next(search) for r, search in searches.items()}
-        used = torch.zeros_like(self.evaluations)
+        before = self.evaluations.clone()
         while asked:
             t = torch.zeros_like(self.t)
             mask = torch.zeros_like(run)
@@ -178,7 +180,6 @@ class BatchedLBFGS(_TrialOptimizer):
                 t[r], mask[r] = step, True
             self._set_params(x0 + t[:, None] * self.d, mask)
             loss, flat_grad = self._evaluate(closure, mask)
-            used += mask.long()
             gtd_new = (flat_grad * self.d).sum(1)
             still = {}
             for r in asked:
@@ -190,7 +191,7 @@ class BatchedLBFGS(_TrialOptimizer):
             asked = still
         self._set_params(x0 + self.t[:, None] * self.d, run)
         self.known |= run
-        return used
+        return self.evaluations - before
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
@@ -291,7 +292,6 @@ def strong_wolfe(t: float, f: float, g: torch.Tensor, gtd: float, d_norm: float,
     generator so that K trials can search at once: it yields the step length it wants evaluated and is sent
     (f, g, g.d) there; it returns (f, g, t) of the accepted step. f, gtd at t = 0: f and gtd."""
     f_new, g_new, gtd_new = yield t
-    evals = 1
     t_prev, f_prev, g_prev, gtd_prev = 0.0, f, g, gtd
     done, ls_iter = False, 0
     bracket = bracket_f = bracket_g = bracket_gtd = None
@@ -309,7 +309,6 @@ def strong_wolfe(t: float, f: float, g: torch.Tensor, gtd: float, d_norm: float,
         t_prev, f_prev, g_prev, gtd_prev = t, f_new, g_new, gtd_new
         t = step
         f_new, g_new, gtd_new = yield t
-        evals += 1
         ls_iter += 1
     if ls_iter == max_ls:
         bracket, bracket_f, bracket_g = [0.0, t], [f, f_new], [g, g_new]
@@ -330,7 +329,6 @@ def strong_wolfe(t: float, f: float, g: torch.Tensor, gtd: float, d_norm: float,
         else:
             insufficient_progress = False
         f_new, g_new, gtd_new = yield t
-        evals += 1
         ls_iter += 1
         if f_new > f + c1 * t * gtd or f_new >= bracket_f[low]:
             bracket[high], bracket_f[high], bracket_g[high], bracket_gtd[high] = t, f_new, g_new, gtd_new

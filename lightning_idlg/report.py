@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import math
+import os
+import platform
 import re
 import shlex
 import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
@@ -496,11 +500,6 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
 def provenance() -> list[str]:
     """When, with which versions and on what machine this report was written (the runs' own machine may
     differ: their records carry seconds, not hardware)."""
-    import datetime
-    import os
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     def v(name: str) -> str:
         try:
             return version(name)
@@ -521,7 +520,6 @@ def _cpu_model() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or "CPU model unknown"
 
 
