@@ -266,10 +266,18 @@ def _resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     return out.clamp(0.0, 1.0)
 
 
-def digits(image_size: int = 28) -> TrialImages:
+def _shipped(name: str, package: str, root, download) -> None:
+    """The built-in data sets read no files: a `root` or `download` for them is a mistake, said in one line."""
+    if root is not None or download:
+        raise ValueError(f"dataset={name} ships with {package} and reads no files, so dataset.root / "
+                          "dataset.download do not apply; for files use dataset=mnist, cifar100, lfw or image_folder")
+
+
+def digits(image_size: int = 28, root: str | None = None, download: bool = False) -> TrialImages:
     """scikit-learn's real handwritten digits (UCI optdigits test set, 1,797 images, 8x8, values 0..16),
     scaled to [0, 1] and resized to 1 x image_size x image_size; 10 classes, the real labels. Shipped with
     scikit-learn, so it needs no download: the default data set on machines without data."""
+    _shipped("digits", "scikit-learn", root, download)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -279,12 +287,14 @@ def digits(image_size: int = 28) -> TrialImages:
     return TrialImages(data, 10, (1, image_size, image_size), "digits")
 
 
-def faces(image_size: int = 32, num_classes: int = 100) -> TrialImages:
+def faces(image_size: int = 32, num_classes: int = 100, root: str | None = None,
+          download: bool = False) -> TrialImages:
     """scikit-image's 100 real LFW faces (`skimage.data.lfw_subset()[:100]`, 25x25 gray in [0, 1]),
     repeated to 3 channels and resized to image_size, as the paper feeds LFW to a 3-channel network.
 
     scikit-image does not ship the identities, so the label is the face's index (0..99): each face is its
     own class. `num_classes` (>= 100) sets the size of the label space, e.g. 5749 to mimic LFW's."""
+    _shipped("faces", "scikit-image", root, download)
     from skimage.data import lfw_subset
 
     if num_classes < 100:

@@ -134,6 +134,7 @@ def test_module_entry_point_and_console_script_are_the_same_app(tmp_path):
     ("steps=-3", "error: steps must be a positive integer, got -3"),
     ("trials_per_batch=many", "error: trials_per_batch must be 'auto' or a positive integer, got 'many'"),
     ("dataset=mnist", "MNIST test files not found in"),
+    ("dataset=digits", "dataset=digits ships with scikit-learn and reads no files"),  # the default has no root
 ])
 def test_bad_overrides_fail_with_one_clear_line(tmp_path, override, message):
     result = app(override, "dataset.root=/nonexistent" if override.startswith("dataset") else "seed=0",
