@@ -89,7 +89,7 @@ class GradientInversion(pl.LightningModule):
             self.register_buffer(f"weight_{i}", shared.weights[name].clone())
             self.register_buffer(f"shared_grad_{i}", shared.gradients[name].clone())
         self.num_classes = shared.num_classes
-        self._distance = batched_distance(self.model)
+        self._distance = batched_distance(self.model, shared.input_shape)
 
         seeds = dummy_seeds if dummy_seeds is not None else list(range(k))
         self.dummy_seeds = list(seeds)

@@ -4,14 +4,15 @@ per-trial nn.Module + torch.autograd.grad(create_graph=True) + F.cross_entropy r
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightning_idlg.client import soft_cross_entropy, stack_victims
-from lightning_idlg.objective import batched_distance, gradient_distance
-from lightning_idlg.victim import LeNet, make_victim
+from lightning_idlg.objective import batched_distance, gradient_distance, split_head
+from lightning_idlg.victim import MLP, LeNet, make_victim
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -40,8 +41,9 @@ def test_gradient_distance_by_hand():
 K, CLASSES, SIDE = 3, 10, 16
 
 
-def _setup(dtype):
-    victims = [make_victim(LeNet, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=40 + s).to(dtype)
+def _setup(dtype, model="lenet"):
+    factory = LeNet if model == "lenet" else partial(MLP, hidden=(32, 16))
+    victims = [make_victim(factory, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=40 + s).to(dtype)
                for s in range(K)]
     weights = stack_victims(victims)
     g = torch.Generator().manual_seed(3)
@@ -79,10 +81,15 @@ def _close(a, b, rtol):
     return float((a - b).abs().max()) <= rtol * float(b.abs().max())
 
 
+ROUTES = {"plain": None, "head_split": (3, SIDE, SIDE)}  # batched_distance's input_shape picks the route
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("method", ["idlg", "dlg"])
-def test_batched_distance_equals_per_trial_loop(method, dtype, rtol):
-    victims, weights, shared, images, labels, dummy, dummy_logits = _setup(dtype)
+@pytest.mark.parametrize("model", ["lenet", "mlp"])
+def test_batched_distance_equals_per_trial_loop(model, method, dtype, rtol, route):
+    victims, weights, shared, images, labels, dummy, dummy_logits = _setup(dtype, model)
     x = dummy.clone().requires_grad_()
     if method == "idlg":
         probs = F.one_hot(labels, CLASSES).to(dtype)
@@ -91,7 +98,7 @@ def test_batched_distance_equals_per_trial_loop(method, dtype, rtol):
         logits = dummy_logits.clone().requires_grad_()
         probs = torch.softmax(logits, -1)
         inputs = [x, logits]
-    d = batched_distance(victims[0])(weights, shared, x, probs)
+    d = batched_distance(victims[0], ROUTES[route])(weights, shared, x, probs)
     assert d.shape == (K,)
     grads = torch.autograd.grad(d.sum(), inputs, retain_graph=True)
     for k in range(K):
@@ -106,14 +113,39 @@ def test_batched_distance_equals_per_trial_loop(method, dtype, rtol):
     assert float(g0[0].abs().max()) > 0 and torch.equal(g0[1:], torch.zeros_like(g0[1:]))
 
 
-def test_batched_distance_is_zero_at_the_private_sample():
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_batched_distance_is_zero_at_the_private_sample(route):
     victims, weights, shared, images, labels, dummy, _ = _setup(torch.float64)
-    distance = batched_distance(victims[0])
+    distance = batched_distance(victims[0], ROUTES[route])
     at_truth = distance(weights, shared, images, F.one_hot(labels, CLASSES).double())
     far = distance(weights, shared, dummy, F.one_hot(labels, CLASSES).double())
     assert float(at_truth.abs().max()) < 1e-20 * float(far.min()) + 1e-25
     wrong_label = distance(weights, shared, images, F.one_hot((labels + 1) % CLASSES, CLASSES).double())
     assert float(wrong_label.min()) > 1e-3
+
+
+class _ScaledLogits(torch.nn.Module):
+    """Ends in a Linear layer but does something with its output: not head(body(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, x):
+        return 2 * self.fc(x.flatten(1))
+
+
+def test_split_head_only_where_logits_are_the_last_linear_layer():
+    lenet = LeNet(in_channels=3, image_size=SIDE, num_classes=CLASSES)
+    body, head = split_head(lenet, (3, SIDE, SIDE))
+    assert head == "classifier"
+    assert [n for n, _ in body.named_parameters()] == [n for n, _ in lenet.named_parameters()
+                                                       if not n.startswith("classifier.")]
+    x = torch.rand(2, 3, SIDE, SIDE)
+    torch.testing.assert_close(lenet.classifier(body(x)), lenet(x), rtol=0, atol=0)
+    assert split_head(MLP(in_channels=1, image_size=4, num_classes=3), (1, 4, 4))[1] == "net.3"
+    assert split_head(_ScaledLogits(), (3, 2, 2)) is None  # the plain route then
+    assert split_head(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Sigmoid()), (1, 2, 2)) is None
 
 
 # --- soft cross-entropy ------------------------------------------------------------------------------------
