@@ -98,8 +98,9 @@ class BatchedLBFGS(_TrialOptimizer):
         self.n_iter = torch.zeros(k, dtype=torch.long, device=like["device"])  # iterations since start
         self.d = torch.zeros(k, n, **like)           # search direction
         self.t = torch.zeros(k, **like)              # step length
-        self.old_dirs = torch.zeros(k, h, n, **like)  # y history (ring buffer per trial)
-        self.old_stps = torch.zeros(k, h, n, **like)  # s history
+        # (s, y) history, a ring buffer per trial; s and y of a pair side by side, so that one copy
+        # fetches both (torch.optim.LBFGS: old_stps, old_dirs)
+        self.pairs = torch.zeros(k, h, 2, n, **like)
         self.ro = torch.zeros(k, h, **like)          # 1 / (y . s); zero marks an empty slot
         self.count = torch.zeros(k, dtype=torch.long, device=like["device"])
         self.pos = torch.zeros(k, dtype=torch.long, device=like["device"])  # next slot to write
@@ -119,39 +120,41 @@ class BatchedLBFGS(_TrialOptimizer):
             return
         rows = update.nonzero().squeeze(1)
         slot = self.pos[rows]
-        self.old_dirs[rows, slot] = y[rows]
-        self.old_stps[rows, slot] = s[rows]
+        self.pairs[rows, slot, 0] = s[rows]
+        self.pairs[rows, slot, 1] = y[rows]
         self.ro[rows, slot] = 1.0 / ys[rows]
         self.h_diag[rows] = ys[rows] / (y[rows] * y[rows]).sum(1)
-        self.count[rows] = torch.clamp(self.count[rows] + 1, max=self.old_dirs.shape[1])
-        self.pos[rows] = (slot + 1) % self.old_dirs.shape[1]
+        self.count[rows] = torch.clamp(self.count[rows] + 1, max=self.pairs.shape[1])
+        self.pos[rows] = (slot + 1) % self.pairs.shape[1]
 
     def _direction(self, flat_grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The L-BFGS two-loop recursion for the trials `rows`, newest to oldest pair, per trial: the same
         operations as torch.optim.LBFGS, so a trial's steps do not depend on the batch it runs in.
 
         Each trial's history is a ring buffer with its own write position, so the i-th newest pair of each
-        trial sits in a different slot: it is fetched per pair with one index_select of R rows (R x pixels,
-        small enough to stay in cache while it is used) rather than all pairs at once (R x 100 x pixels, 80 MB
-        for 32 trials at 3x32x32: the copy cost more than the recursion). Empty slots have ro = 0 and add
-        nothing, so a trial with fewer pairs than others simply adds zeros."""
-        k, h, n = self.old_dirs.shape
+        trial sits in a different slot: it is fetched per pair with one index_select of R rows (R x 2 x pixels,
+        small enough to stay in cache while it is used) rather than all pairs at once (R x 100 x 2 x pixels,
+        80 MB for 32 trials at 3x32x32: the copy cost more than the recursion). Empty slots have ro = 0 and
+        add nothing, so a trial with fewer pairs than others simply adds zeros."""
+        k, h, _, n = self.pairs.shape
         depth = int(self.count[rows].max())
         q = flat_grad[rows].neg()
         if depth == 0:
             return q * self.h_diag[rows, None]
-        s_flat, y_flat, ro_flat = self.old_stps.view(k * h, n), self.old_dirs.view(k * h, n), self.ro.view(-1)
+        pairs, ro_flat = self.pairs.view(k * h, 2 * n), self.ro.view(-1)
         ages = torch.arange(depth, device=q.device)
         index = rows[:, None] * h + (self.pos[rows, None] - 1 - ages) % h  # (R, depth): flat slot of the i-th newest
-        ro = ro_flat[index]
-        alphas = torch.empty_like(ro)
+        ro = ro_flat[index].unbind(1)
+        alphas = []
         for i in range(depth):
-            alphas[:, i] = torch.linalg.vecdot(s_flat.index_select(0, index[:, i]), q) * ro[:, i]
-            q.addcmul_(alphas[:, i, None], y_flat.index_select(0, index[:, i]), value=-1)
+            s, y = pairs.index_select(0, index[:, i]).view(-1, 2, n).unbind(1)
+            alphas.append(torch.linalg.vecdot(s, q) * ro[i])
+            q.addcmul_(alphas[i][:, None], y, value=-1)
         r = q.mul_(self.h_diag[rows, None])
         for i in reversed(range(depth)):
-            be = torch.linalg.vecdot(y_flat.index_select(0, index[:, i]), r) * ro[:, i]
-            r.addcmul_((alphas[:, i] - be)[:, None], s_flat.index_select(0, index[:, i]))
+            s, y = pairs.index_select(0, index[:, i]).view(-1, 2, n).unbind(1)
+            be = torch.linalg.vecdot(y, r) * ro[i]
+            r.addcmul_((alphas[i] - be)[:, None], s)
         return r
 
     def reset(self, mask: torch.Tensor) -> None:
