@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -14,7 +15,7 @@ from hydra import compose, initialize_config_module
 
 from lightning_idlg import experiment
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import Trial, merge_rank_files, trials_per_batch, world_size
+from lightning_idlg.experiment import Trial, merge_rank_files, start_method, trials_per_batch, world_size
 from lightning_idlg.results import read_records
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "threads=1"]
@@ -31,14 +32,17 @@ def comparable(records: list[dict]) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["index"]): {k: v for k, v in r.items() if k not in VARYING} for r in records}
 
 
-def test_two_cpu_ranks_write_one_file_with_every_trial_once_and_the_one_process_results(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])  # CPU ranks forked, or spawned
+def test_two_cpu_ranks_write_one_file_with_every_trial_once_and_the_one_process_results(tmp_path, strategy):
     args = [*TINY, "method=both", "trials=6", "trials_per_batch=2"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "lightning_idlg", "trainer=ddp", *args,
-                           f"hydra.run.dir={tmp_path / 'ddp'}"], env=env, capture_output=True, text=True,
+    shown = [a for a in args if a != "progress_bar=false"]  # rank 0's progress bar names its share
+    done = subprocess.run([sys.executable, "-m", "lightning_idlg", "trainer=ddp", f"trainer.strategy={strategy}",
+                           *shown, f"hydra.run.dir={tmp_path / 'ddp'}"], env=env, capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 processes" in done.stderr  # Lightning's banner: two ranks joined the group
+    # two ranks: rank 0 attacked batches 0 and 2 of 3 (4 trials, 2 methods each)
+    assert re.search(r"trials \(rank 0 of 2\).* 8/8", done.stderr), done.stderr[-3000:]
     assert done.stdout.count("lightning_idlg summary") == 1  # rank 0 alone prints the summary
 
     run_dir = tmp_path / "ddp"
@@ -56,6 +60,15 @@ def test_two_cpu_ranks_write_one_file_with_every_trial_once_and_the_one_process_
     one = experiment.run(cfg_of(*args, "pictures=false"), tmp_path / "one")
     assert comparable(records) == comparable(read_records(tmp_path / "one" / "trials.jsonl"))
     assert one == {m: {**s, "seconds": one[m]["seconds"]} for m, s in summary.items()}
+
+
+def test_start_method_forks_cpu_ranks_on_linux_and_spawns_gpu_ranks(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert start_method(cfg_of("trainer=ddp")) == "fork"
+    assert start_method(cfg_of("trainer=ddp", "trainer.strategy=ddp_spawn")) == "spawn"
+    assert start_method(cfg_of("trainer=gpu", "trainer.devices=2")) == "spawn"  # CUDA cannot be forked
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert start_method(cfg_of("trainer=ddp")) == "spawn"
 
 
 def test_rank_shares_are_disjoint_and_cover_every_batch():
