@@ -84,7 +84,9 @@ def init_weights(model: nn.Module, init: str = "uniform", scale: float = 0.5) ->
 def make_victim(factory: Callable[..., nn.Module], *, in_channels: int, image_size: int, num_classes: int,
                 seed: int, init: str = "uniform", init_scale: float = 0.5) -> nn.Module:
     """A fresh victim network drawn from `seed` (the paper draws a new network for every trial)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    # CUDA's generator only where CUDA is already in use: asking for it would initialize CUDA, which a CPU
+    # rank forked from the app (experiment.start_method) must not do needlessly
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model = factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
