@@ -24,6 +24,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_idlg.client import sample_loss, soft_cross_entropy
+from lightning_idlg.errors import ConfigError
+from lightning_idlg.victim import output_layer
 
 
 def gradient_distance(dummy_grads: dict[str, torch.Tensor], shared_grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,11 +57,10 @@ def split_head(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Modul
     """(body, head name) when model(x) == head(body(x)) for its last Linear layer `head`, with body the
     model with that layer replaced by an identity (same parameter names otherwise); None when the model
     does something else with the head's output (or has no Linear layer)."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
+    try:
+        name, head = output_layer(model)
+    except ConfigError:  # no Linear layer
         return None
-    name = linears[-1]
-    head = model.get_submodule(name)
     body = copy.deepcopy(model)
     body.set_submodule(name, nn.Identity())
     x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
