@@ -327,7 +327,7 @@ def launch_ranks(cfg: DictConfig, run_dir: Path, batches: list[list[Trial]], don
     gpu = _on_gpu(cfg)
     fabric = Fabric(accelerator="cuda" if gpu else "cpu", devices=_gpu_indices(cfg, world) if gpu else world,
                     num_nodes=1, strategy=DDPStrategy(start_method=start_method(cfg), process_group_backend="gloo",
-                                                      # ranks are the spawned processes' indices, also
+                                                      # ranks are the launched processes' indices, also
                                                       # inside a SLURM job (whose SLURM_PROCID is one task's)
                                                       cluster_environment=LightningEnvironment()))
     if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
@@ -350,7 +350,7 @@ def start_method(cfg: DictConfig) -> str:
 
 
 def rank_config(cfg: DictConfig) -> DictConfig:
-    """The config a spawned rank gets: plain values, since Hydra's resolvers (${hydra:...}) and state exist
+    """The config a rank gets: plain values, since Hydra's resolvers (${hydra:...}) and state exist
     only in this process; so also the multirun's W&B group, which `WandbTracker` reads from that state."""
     plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if plain.get("logger") and "group" in plain.logger and plain.logger.group is None:
@@ -374,7 +374,7 @@ LOGGER_NAMES = ("lightning", "lightning.pytorch", "lightning.fabric", __name__)
 
 
 def _process_state() -> dict:
-    """Log levels and warning filters of this process (the app quiets Lightning), for the spawned ranks."""
+    """Log levels and warning filters of this process (the app quiets Lightning), for spawned ranks (forked ones inherit them)."""
     filters = []
     for f in warnings.filters:
         try:
