@@ -84,12 +84,16 @@ class GradientInversion(pl.LightningModule):
         self.optimizer_factory = optimizer
         k = shared.trials
         self.model = copy.deepcopy(shared.model).requires_grad_(False)
-        self._weight_names = list(shared.weights)
-        for i, name in enumerate(self._weight_names):
+        self._names = {"weight": list(shared.weights)}
+        for i, name in enumerate(self._names["weight"]):
             self.register_buffer(f"weight_{i}", shared.weights[name].clone())
-            self.register_buffer(f"shared_grad_{i}", shared.gradients[name].clone())
         self.num_classes = shared.num_classes
         self._distance = batched_distance(self.model, shared.input_shape)
+        # what D compares against: the shared gradients, prepared once (the head's factored where it can be)
+        targets = self._distance.prepare(shared.gradients)
+        self._names["target"] = list(targets)
+        for i, name in enumerate(self._names["target"]):
+            self.register_buffer(f"target_{i}", targets[name].clone())
 
         seeds = dummy_seeds if dummy_seeds is not None else list(range(k))
         self.dummy_seeds = list(seeds)
@@ -117,7 +121,7 @@ class GradientInversion(pl.LightningModule):
 
     # what the attacker holds -------------------------------------------------------------------------
     def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f"{prefix}_{i}") for i, name in enumerate(self._weight_names)}
+        return {name: getattr(self, f"{prefix}_{i}") for i, name in enumerate(self._names[prefix])}
 
     def _extract_label(self, shared: SharedGradient) -> torch.Tensor:
         name, layer = output_layer(shared.model)
@@ -141,8 +145,8 @@ class GradientInversion(pl.LightningModule):
         if rows.numel() == self.dummy.shape[0]:  # all trials: views, no copy (LFW's output layer is 4.4M floats)
             rows = slice(None)
         weights = {n: w[rows] for n, w in self._tensors("weight").items()}
-        shared = {n: g[rows] for n, g in self._tensors("shared_grad").items()}
-        return self._distance(weights, shared, self.dummy[rows], self.label_probs(rows))
+        targets = {n: g[rows] for n, g in self._tensors("target").items()}
+        return self._distance(weights, targets, self.dummy[rows], self.label_probs(rows))
 
     # Lightning -----------------------------------------------------------------------------------------
     def configure_optimizers(self):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_idlg.client import soft_cross_entropy, stack_victims
-from lightning_idlg.objective import batched_distance, gradient_distance, split_head
+from lightning_idlg import objective
+from lightning_idlg.objective import batched_distance, gradient_distance, rank_one_factors, split_head
 from lightning_idlg.victim import MLP, LeNet, make_victim
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -81,15 +82,31 @@ def _close(a, b, rtol):
     return float((a - b).abs().max()) <= rtol * float(b.abs().max())
 
 
-ROUTES = {"plain": None, "head_split": (3, SIDE, SIDE)}  # batched_distance's input_shape picks the route
+# batched_distance's input_shape picks the route; "rank_one" also factors the head's target (prepare),
+# which float64 declines (the exact head term then)
+ROUTES = {"plain": None, "head_split": (3, SIDE, SIDE), "rank_one": (3, SIDE, SIDE),
+          "head_split_blocks": (3, SIDE, SIDE)}
+
+
+def _route(route, victim, shared, monkeypatch):
+    """(distance, targets) for a route; head_split_blocks forms E two rows at a time."""
+    if route == "head_split_blocks":
+        features = victim.classifier.in_features if hasattr(victim, "classifier") else 16
+        monkeypatch.setitem(objective.BLOCK_ELEMENTS, "cpu", 2 * K * features)
+    distance = batched_distance(victim, ROUTES[route])
+    targets = distance.prepare(shared) if route == "rank_one" else shared
+    factored = any(name.endswith(":left") for name in targets)
+    assert factored == (route == "rank_one" and next(iter(shared.values())).dtype != torch.float64)
+    return distance, targets
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
 @pytest.mark.parametrize("method", ["idlg", "dlg"])
 @pytest.mark.parametrize("model", ["lenet", "mlp"])
-def test_batched_distance_equals_per_trial_loop(model, method, dtype, rtol, route):
+def test_batched_distance_equals_per_trial_loop(model, method, dtype, rtol, route, monkeypatch):
     victims, weights, shared, images, labels, dummy, dummy_logits = _setup(dtype, model)
+    distance, targets = _route(route, victims[0], shared, monkeypatch)
     x = dummy.clone().requires_grad_()
     if method == "idlg":
         probs = F.one_hot(labels, CLASSES).to(dtype)
@@ -98,7 +115,7 @@ def test_batched_distance_equals_per_trial_loop(model, method, dtype, rtol, rout
         logits = dummy_logits.clone().requires_grad_()
         probs = torch.softmax(logits, -1)
         inputs = [x, logits]
-    d = batched_distance(victims[0], ROUTES[route])(weights, shared, x, probs)
+    d = distance(weights, targets, x, probs)
     assert d.shape == (K,)
     grads = torch.autograd.grad(d.sum(), inputs, retain_graph=True)
     for k in range(K):
@@ -114,14 +131,38 @@ def test_batched_distance_equals_per_trial_loop(model, method, dtype, rtol, rout
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
-def test_batched_distance_is_zero_at_the_private_sample(route):
-    victims, weights, shared, images, labels, dummy, _ = _setup(torch.float64)
-    distance = batched_distance(victims[0], ROUTES[route])
-    at_truth = distance(weights, shared, images, F.one_hot(labels, CLASSES).double())
-    far = distance(weights, shared, dummy, F.one_hot(labels, CLASSES).double())
-    assert float(at_truth.abs().max()) < 1e-20 * float(far.min()) + 1e-25
-    wrong_label = distance(weights, shared, images, F.one_hot((labels + 1) % CLASSES, CLASSES).double())
+@pytest.mark.parametrize("dtype,zero", [(torch.float64, 1e-20), (torch.float32, 1e-9)])
+def test_batched_distance_is_zero_at_the_private_sample(route, dtype, zero, monkeypatch):
+    victims, weights, shared, images, labels, dummy, _ = _setup(dtype)
+    distance, targets = _route(route, victims[0], shared, monkeypatch)
+    one_hot = F.one_hot(labels, CLASSES).to(dtype)
+    at_truth = distance(weights, targets, images, one_hot)
+    far = distance(weights, targets, dummy, one_hot)
+    assert float(at_truth.abs().max()) < zero * float(far.min()) + zero * 1e-5
+    wrong_label = distance(weights, targets, images, F.one_hot((labels + 1) % CLASSES, CLASSES).to(dtype))
     assert float(wrong_label.min()) > 1e-3
+
+
+def test_rank_one_factors_by_hand():
+    a = torch.tensor([[3.0, 0.0, -4.0], [1.0, 2.0, 2.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 2.0], [1.0, 0.0]], dtype=torch.float64)
+    left, right, residual = rank_one_factors(a[:, :, None] * b[:, None, :])
+    # T = a b^T = (|b| a)(b / |b|)^T: up to the sign the power iteration picks
+    sign = torch.sign((right * b).sum(1, keepdim=True))
+    torch.testing.assert_close(right * sign, torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(left * sign, torch.tensor([[6.0, 0.0, -8.0], [1.0, 2.0, 2.0]], dtype=torch.float64))
+    assert residual.tolist() == [0.0, 0.0]
+    # a zero gradient factors as zeros
+    left, right, residual = rank_one_factors(torch.zeros(1, 3, 2))
+    assert left.abs().sum() == right.abs().sum() == residual.sum() == 0
+    # a sum of two outer products (two samples, or noise) is not rank one: None, the exact term then
+    two = a[:, :, None] * b[:, None, :] + 1e-3 * torch.ones(2, 3, 2, dtype=torch.float64)
+    assert rank_one_factors(two) is None
+    # the residual of a rank-one T plus a small perturbation is ||perturbation||^2 when it is orthogonal
+    bump = torch.zeros(2, 3, 2, dtype=torch.float64)
+    bump[0, 1, 0] = 1e-7  # row 1 of a is 0 and column 0 of b is 0 for trial 0
+    left, right, residual = rank_one_factors(a[:, :, None] * b[:, None, :] + bump)
+    assert abs(float(residual[0]) - 1e-14) < 1e-20 and float(residual[1]) == 0.0
 
 
 class _ScaledLogits(torch.nn.Module):
