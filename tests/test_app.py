@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -212,3 +212,20 @@ def test_the_attack_sees_only_the_shared_gradient():
     for tensor in held:  # nothing the attack holds is the private image
         assert not (tensor.shape == private.images.shape and torch.equal(tensor, private.images))
     assert isinstance(private, PrivateBatch)
+
+
+def test_the_attack_factors_a_rank_one_head_gradient():
+    """One sample's output-layer gradient is an outer product: the attack compares against its factors
+    (objective.py); a gradient that is not rank one (here: noised) is compared against as shared."""
+    from hydra.utils import instantiate
+    from lightning_idlg.experiment import plan_trials
+    cfg = cfg_of("trials=2", "dataset.image_size=16")
+    dataset = instantiate(cfg.dataset)
+    _, shared = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
+    head = "classifier.weight"
+    factored = GradientInversion(shared, method="idlg")._names["target"]
+    assert head not in factored and {f"{head}:left", f"{head}:right", f"{head}:residual"} <= set(factored)
+    t = shared.gradients[head]
+    noise = 1e-3 * t.abs().max() * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
+    noised = replace(shared, gradients={**shared.gradients, head: t + noise})
+    assert head in GradientInversion(noised, method="idlg")._names["target"]
