@@ -143,8 +143,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     trials = plan_trials(cfg, len(dataset))
     pending = [t for t in trials if any((m, t.index) not in done for m in methods)]
     if len(pending) < len(trials):
-        log.info("resuming: %d of %d trials already recorded in %s", len(trials) - len(pending), len(trials),
-                 run_dir / TRIALS_FILE)
+        per_method = ", ".join(f"{m} {sum((m, t.index) in done for t in trials)}" for m in methods)
+        log.info("resuming: %s of %d trials already recorded in %s", per_method, len(trials), run_dir / TRIALS_FILE)
     k = trials_per_batch(cfg, len(pending), world)
     batches = [pending[start:start + k] for start in range(0, len(pending), k)]
     (run_dir / "pictures").mkdir(exist_ok=True)

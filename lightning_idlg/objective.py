@@ -19,8 +19,10 @@ w.r.t. the dummies (double backprop). Two routes to the same D:
     ||g h^T - T||^2 = |g|^2 |h|^2 - 2 (g.a)(h.b) + |a|^2 |b|^2 + ||R||^2 - 2 g^T R h,
     which costs O(classes + features) instead of O(classes x features). The last term is dropped:
     it is at most 2 ||g h^T - a b^T|| ||R|| and vanishes at the optimum. It is computed in float64,
-    so the cancellation near D = 0 costs nothing at float32 precision. That makes LFW's 5,749 x 768
-    head about 4x cheaper per evaluation.
+    so the cancellation near D = 0 costs nothing at float32 precision.
+    An LFW evaluation (K = 16, one thread) costs 4.1 ms per trial this way, 10.0 ms the exact way, and
+    23.8 ms with E built whole (the previous code, whose float32 dot product for D was also off by up to
+    0.7% at LFW's 4.4M elements; the block sums are within 3e-7 of float64).
     T is the victim's float32 outer product, so ||R|| <= ~1e-7 ||T||. A T that is not rank one (a batch of
     several samples, a noised gradient), or float64 (where nothing wider absorbs the cancellation),
     keeps the exact way.
