@@ -404,8 +404,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+NO_STRIPS = "No progress pictures found (`pictures/progress_NNNNN.png` in the run dirs)."
+STRIPS_LEFT_OUT = ("Left out of this report (`--no-progress`); each run keeps its own in "
+                   "`pictures/progress_NNNNN.png`.")
+
+
 def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings: list[str],
-             preface: str = "") -> str:
+             preface: str = "", no_strips: str = NO_STRIPS) -> str:
     lines = [f"# {title}", ""]
     if preface.strip():  # the author's words (commands, what differs from the paper and why) before the numbers
         lines += [preface.strip(), ""]
@@ -472,7 +477,7 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
         for strip in strips:
             lines += [f"![{strip.caption}]({strip.output})", "", f"*{strip.caption}*", ""]
     else:
-        lines += ["No progress pictures found (`pictures/progress_NNNNN.png` in the run dirs).", ""]
+        lines += [no_strips, ""]
 
     lines += ["## Convergence", "",
               "Status counts; medians of steps and objective evaluations over converged trials, of PSNR / SSIM "
@@ -598,7 +603,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
     for strip in strips:
         plot_progress(strip, out)
     report = out / report_name
-    report.write_text(markdown(title, runs, groups, strips, notes(runs, groups), preface))
+    no_strips = STRIPS_LEFT_OUT if progress_from == [] else NO_STRIPS
+    report.write_text(markdown(title, runs, groups, strips, notes(runs, groups), preface, no_strips))
     return report
 
 

@@ -162,7 +162,7 @@ def test_progress_pictures_only_from_the_runs_asked_for(tmp_path, monkeypatch):
                  "--preface", "preface.md"]) == 0
     assert not list((tmp_path / "b").glob("progress_*.png"))
     text = (tmp_path / "b" / "results.md").read_text()
-    assert "No progress pictures" in text
+    assert "Left out of this report (`--no-progress`)" in text and "No progress pictures" not in text
     assert text.index("Commands: `lightning-idlg experiment=paper_mnist`.") < text.index("## Runs")
     from importlib.metadata import version
     assert f"torch {version('torch')}" in text.split("## Made with")[1]  # versions, date, machine
