@@ -72,9 +72,8 @@ class BatchedDistance:
         replaced by its float64 factors (`<head>.weight:left`, `:right`, `:residual`) where every trial's T
         is rank one to float32 rounding; unchanged otherwise."""
         name = f"{self.head}.weight"
-        if self.head is None or shared_grads[name].dtype == torch.float64:
-            return dict(shared_grads)
-        factors = rank_one_factors(shared_grads[name])
+        factorable = self.head is not None and shared_grads[name].dtype != torch.float64
+        factors = rank_one_factors(shared_grads[name]) if factorable else None
         if factors is None:
             return dict(shared_grads)
         targets = {n: g for n, g in shared_grads.items() if n != name}

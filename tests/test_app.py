@@ -229,3 +229,19 @@ def test_the_attack_factors_a_rank_one_head_gradient():
     noise = 1e-3 * t.abs().max() * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
     noised = replace(shared, gradients={**shared.gradients, head: t + noise})
     assert head in GradientInversion(noised, method="idlg")._names["target"]
+
+
+def test_the_attack_gathers_the_evaluated_rows_once_per_set():
+    """objective(rows) for a subset copies those trials' weights and targets once and keeps the last two
+    sets (attack._held_rows); all rows are views. D is the same as for the whole batch."""
+    from hydra.utils import instantiate
+    from lightning_idlg.experiment import plan_trials
+    cfg = cfg_of("trials=3", "dataset.image_size=16")
+    _, shared = prepare_batch(cfg, instantiate(cfg.dataset), plan_trials(cfg, 3))
+    attack = GradientInversion(shared, method="idlg")
+    every = attack.objective(torch.arange(3)).detach()
+    assert attack.gathers == 0
+    for rows, gathers in (([0], 1), ([0], 1), ([1], 2), ([0], 2), ([2], 3), ([1], 3), ([0], 4)):
+        d = attack.objective(torch.tensor(rows)).detach()
+        assert attack.gathers == gathers, (rows, attack.gathers)
+        torch.testing.assert_close(d, every[rows], rtol=1e-5, atol=0)
