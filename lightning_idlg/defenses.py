@@ -40,6 +40,7 @@ class Defense:
 
     name = "defense"
     per_sample: bool = False
+    parameters: tuple[str, ...] = ()  # the attributes describe() and repr() show
 
     def __call__(self, gradients: Mapping[str, Tensor], seeds: Sequence[int]) -> Gradients:
         if not gradients:
@@ -52,11 +53,10 @@ class Defense:
 
     def describe(self) -> dict:
         """Name and parameters as plain JSON values, e.g. {"name": "gaussian", "variance": 0.001}."""
-        return {"name": self.name}
+        return {"name": self.name, **{key: getattr(self, key) for key in self.parameters}}
 
     def __repr__(self) -> str:
-        parameters = ", ".join(f"{key}={value!r}" for key, value in self.describe().items() if key != "name")
-        return f"{type(self).__name__}({parameters})"
+        return f"{type(self).__name__}({', '.join(f'{key}={getattr(self, key)!r}' for key in self.parameters)})"
 
 
 class NoDefense(Defense):
@@ -76,6 +76,7 @@ class GaussianNoise(Defense):
     """
 
     name = "gaussian"
+    parameters = ("variance",)
 
     def __init__(self, variance: float):
         self.variance = _number(f"defense.{self.name}.variance", variance, "a number >= 0 (a variance; the "
@@ -88,9 +89,6 @@ class GaussianNoise(Defense):
         return _add_noise(gradients, seeds, lambda shape, dtype, gen: torch.randn(shape, generator=gen,
                                                                                  dtype=dtype) * std)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "variance": self.variance}
-
 
 class LaplaceNoise(Defense):
     """g + n, n ~ Laplace(0, b) i.i.d. per entry with b = sqrt(variance / 2): Laplace(b) has variance
@@ -98,6 +96,7 @@ class LaplaceNoise(Defense):
     Drawn as b (E1 - E2) with E1, E2 ~ Exp(1) independent (exact, and the generator takes no scale)."""
 
     name = "laplace"
+    parameters = ("variance",)
 
     def __init__(self, variance: float):
         self.variance = _number(f"defense.{self.name}.variance", variance, "a number >= 0 (a variance; the "
@@ -114,15 +113,13 @@ class LaplaceNoise(Defense):
 
         return _add_noise(gradients, seeds, draw)
 
-    def describe(self) -> dict:
-        return {"name": self.name, "variance": self.variance}
-
 
 class NormClip(Defense):
     """Per trial, g * min(1, max_norm / ||g||) with ||g|| the L2 norm of all tensors together: the
     direction is kept, the norm becomes min(||g||, max_norm)."""
 
     name = "clip"
+    parameters = ("max_norm",)
 
     def __init__(self, max_norm: float):
         self.max_norm = _number(f"defense.{self.name}.max_norm", max_norm, "a number > 0", lambda v: v > 0)
@@ -131,9 +128,6 @@ class NormClip(Defense):
         norms = _norms(gradients, sample_dims=1)                          # (K,)
         factor = (self.max_norm / norms).clamp(max=1.0)                   # a zero gradient: inf -> 1
         return {name: g * _per_row(factor, g) for name, g in gradients.items()}
-
-    def describe(self) -> dict:
-        return {"name": self.name, "max_norm": self.max_norm}
 
 
 class DPSGD(Defense):
@@ -149,6 +143,7 @@ class DPSGD(Defense):
     """
 
     name = "dpsgd"
+    parameters = ("max_grad_norm", "noise_multiplier", "reduction", "sample_rate", "rounds", "delta")
     per_sample = True
 
     def __init__(self, max_grad_norm: float, noise_multiplier: float, reduction: str = "mean",
@@ -194,10 +189,8 @@ class DPSGD(Defense):
 
     def describe(self) -> dict:
         epsilon = self.epsilon()
-        return {"name": self.name, "max_grad_norm": self.max_grad_norm,
-                "noise_multiplier": self.noise_multiplier, "reduction": self.reduction,
-                "sample_rate": self.sample_rate, "rounds": self.rounds, "delta": self.delta,
-                "epsilon": epsilon if math.isfinite(epsilon) else None}  # JSON has no inf: null = no privacy
+        # JSON has no inf: null is no privacy (noise_multiplier 0)
+        return {**super().describe(), "epsilon": epsilon if math.isfinite(epsilon) else None}
 
 
 class Prune(Defense):
@@ -207,6 +200,7 @@ class Prune(Defense):
     lower index goes first (a threshold would prune every tie). round() is Python's: halves to even."""
 
     name = "prune"
+    parameters = ("ratio", "scope")
 
     def __init__(self, ratio: float, scope: str = "tensor"):
         self.ratio = _number(f"defense.{self.name}.ratio", ratio, "a number in [0, 1]", lambda v: 0 <= v <= 1)
@@ -215,9 +209,6 @@ class Prune(Defense):
     def _apply(self, gradients: Gradients, seeds: list[int]) -> Gradients:
         return _zero_lowest(gradients, self.scope, lambda n: round(_decimal(self.ratio) * n))
 
-    def describe(self) -> dict:
-        return {"name": self.name, "ratio": self.ratio, "scope": self.scope}
-
 
 class TopK(Defense):
     """Top-k sparsification: keep the ceil(keep * n) largest-|g| entries of each trial, zero the rest; n
@@ -225,6 +216,7 @@ class TopK(Defense):
     TopK(keep) zeroes exactly what Prune zeroes for the same count."""
 
     name = "topk"
+    parameters = ("keep", "scope")
 
     def __init__(self, keep: float, scope: str = "global"):
         self.keep = _number(f"defense.{self.name}.keep", keep, "a number in [0, 1]", lambda v: 0 <= v <= 1)
@@ -232,9 +224,6 @@ class TopK(Defense):
 
     def _apply(self, gradients: Gradients, seeds: list[int]) -> Gradients:
         return _zero_lowest(gradients, self.scope, lambda n: n - math.ceil(_decimal(self.keep) * n))
-
-    def describe(self) -> dict:
-        return {"name": self.name, "keep": self.keep, "scope": self.scope}
 
 
 class Half(Defense):
@@ -288,6 +277,9 @@ class Chain(Defense):
 
     def describe(self) -> dict:
         return {"name": self.name, "parts": [part.describe() for part in self.parts]}
+
+    def __repr__(self) -> str:
+        return f"Chain({self.parts!r})"
 
 
 def compose(defenses: Mapping[str, Defense] | Sequence[Defense] | Defense | None) -> Chain:
