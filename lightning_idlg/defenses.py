@@ -4,7 +4,8 @@ A defense maps the gradients of K independent trials, name -> (K, *shape), to th
 of the same shapes, dtypes and devices. Trials stay independent: every transform acts on each trial
 alone, and trial k's random draws come only from seeds[k] (a CPU `torch.Generator` seeded with it, drawing
 for the parameters in dict order), so a trial's defended gradient does not depend on which other trials
-share the call. The global RNG is never used. Inputs are never modified in place.
+share the call. The global RNG is never used. Inputs are never modified in place (where a defense
+leaves a tensor as it is, e.g. none or ratio 0, the result may be that tensor itself or a view of it).
 
 The defenses of the DLG paper (Sec. 5): additive Gaussian or Laplacian noise of variance 1e-4 .. 1e-1,
 half precision, int8 quantization and pruning of the smallest-magnitude entries; besides those, norm

@@ -373,6 +373,18 @@ def test_bad_settings_fail_with_one_line_naming_the_key(make, key):
     assert key in message and "\n" not in message
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("defense", ALL, ids=repr)
+def test_on_cuda_device_and_dtype_are_kept_and_noise_is_the_cpu_draw(defense):
+    g = gradients(samples=4 if defense.per_sample else None)
+    on_cpu = defense(g, [11, 12, 13])
+    on_gpu = defense({name: t.cuda() for name, t in g.items()}, [11, 12, 13])
+    for name in SHAPES:
+        assert on_gpu[name].device.type == "cuda" and on_gpu[name].dtype == torch.float32
+        # the noise is drawn on the CPU either way; only reductions (norms, sums) may round differently
+        torch.testing.assert_close(on_gpu[name].cpu(), on_cpu[name], rtol=1e-5, atol=1e-6)
+
+
 def test_a_seed_per_trial_is_required():
     with pytest.raises(ValueError, match="one seed per trial: 3 trials, 2 seeds"):
         GaussianNoise(1e-3)(gradients(), [0, 1])
