@@ -30,9 +30,9 @@ def app(cfg: DictConfig) -> dict | float:
     _quiet_lightning()
     name = cfg.get("optimized_metric")
     try:
-        if name and name not in metric_names(cfg.method):  # fail before the run, not after it
+        if name and name not in metric_names(cfg.attack):  # fail before the run, not after it
             raise ConfigError(f"optimized_metric={name!r} is not a metric of this run; valid: "
-                              + ", ".join(metric_names(cfg.method)))
+                              + ", ".join(metric_names(cfg.attack)))
         summary = run(cfg, HydraConfig.get().runtime.output_dir)
         return metric_value(summary, name) if name else summary
     except InstantiationException as err:
@@ -50,5 +50,36 @@ def _fail(err: BaseException) -> None:
     sys.exit(2)
 
 
+# Keys that moved when attacks became assembled from parts (configs/attack/*.yaml): old key -> new place.
+# A key ending in "." moves everything below it.
+MOVED = {
+    "method.idlg.label_rule": "attack.idlg.label_strategy.rule",
+    "method.dlg.divergence_bound": "attack.dlg.stopping.divergence_bound",
+    "method.idlg.divergence_bound": "attack.idlg.stopping.divergence_bound",
+    "method.": "attack.",
+    "model.init_scale": "model.init.scale",
+    "model.init": "model/init (a group: model/init=uniform|default|checkpoint)",
+    "label_rule": "attack.idlg.label_strategy.rule",
+    "divergence_bound": "attack.<dlg|idlg>.stopping.divergence_bound",
+}
+
+
+def moved_key(argument: str) -> str | None:
+    """The one-line message for a command-line override of a key that moved, else None."""
+    key = argument.split("=", 1)[0].lstrip("+~")
+    if "=" not in argument or "/" in key or key.startswith("hydra"):
+        return None
+    for old, new in MOVED.items():
+        if key == old:
+            return f"{key} moved to {new}"
+        if old.endswith(".") and key.startswith(old):
+            return f"{key} moved to {new}{key[len(old):]} (attacks are configs/attack/<name>.yaml)"
+    return None
+
+
 def main() -> None:
+    for argument in sys.argv[1:]:
+        message = moved_key(argument)
+        if message:
+            _fail(ConfigError(message))
     app()

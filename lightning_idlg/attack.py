@@ -1,23 +1,23 @@
 """The attack: a LightningModule whose "training" optimizes dummy data to match a shared gradient.
 
-`GradientInversion` receives a `SharedGradient` (model, weights, gradients) and nothing else: the private
-image and label never reach it (tests/test_threat_model.py). It attacks K trials at once; every trial has
-its own victim weights, dummy, optimizer state and stopping, so results do not depend on K.
+`GradientInversion` receives a `SharedGradient` (model, weights, gradients, buffers where shared) and the
+attack's parts, and nothing else: the private images and labels never reach it
+(tests/test_app.py::test_the_attack_sees_only_the_shared_gradient). An attack is assembled from parts,
+each a Hydra `_target_` node of configs/attack/<name>.yaml:
+- `dummy`: where x' starts (lightning_idlg.dummy, e.g. N(0, 1) from each trial's seed);
+- `label_strategy`: learned jointly with x' (DLG) or restored from the shared gradient first (iDLG; lightning_idlg.labels);
+- `objective`: the gradient-matching distance D (lightning_idlg.objective, squared L2 with its fast routes);
+- `regularizers`: terms of x' added to D with their weights (lightning_idlg.regularizers; none in DLG/iDLG);
+- `optimizer`: per-trial optimizer factory (lightning_idlg.optim, L-BFGS in the paper);
+- `stopping`: steps, tolerance, patience, restarts (lightning_idlg.stopping).
+So DLG and iDLG differ only in their `label_strategy` part, and a new attack is new parts and a YAML file.
 
-- DLG: optimize the dummy x' ~ N(0, 1) and dummy label logits l' ~ N(0, 1) jointly; label = argmax l'.
-- iDLG: extract the label from the last layer's gradient first, then optimize x' only.
-
-One Lightning training step is one optimizer step (an L-BFGS step runs up to max_iter evaluations through
-the closure). A trial stops when D < tolerance (converged) or when its dummy or D is no longer finite or
-|x'| exceeds `divergence_bound` (diverged), or after `steps` steps (not converged); when all K stopped,
-training stops.
-
-Beyond the paper (all off by default, on in the `*_improved` presets), per trial:
-- `patience`: stop early (not converged) once D has not halved within `patience` steps: a trial that
-  stalls (at D ~ 1e-6 as most successful ones do, or far above it) stops costing evaluations;
-- `restarts`: a trial that diverges, or stalls with D still above `restart_distance`, starts again from a
-  fresh draw of the dummy (the next draws of its own seed) with a fresh optimizer state and `steps` steps,
-  at most `restarts` times; the record counts its restarts.
+It attacks K trials at once; every trial has its own victim weights, client batch of B dummies, optimizer
+state and stopping, so results do not depend on K. One Lightning training step is one optimizer step (an
+L-BFGS step runs up to max_iter evaluations through the closure). A trial stops when the objective
+< tolerance (converged), when its dummy or objective is no longer finite or |x'| exceeds the divergence
+bound (diverged), or when it is out of steps or patience (not converged); a failed trial restarts from a
+fresh draw of its own seed while it has restarts left; when all K stopped, training stops.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -33,23 +33,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_idlg.client import SharedGradient
-from lightning_idlg.errors import ConfigError
-from lightning_idlg.labels import LABEL_RULES, extract_label
-from lightning_idlg.objective import batched_distance
-from lightning_idlg.victim import output_layer
+from lightning_idlg.dummy import GaussianDummy
+from lightning_idlg.labels import LabelStrategy
+from lightning_idlg.objective import SquaredL2
+from lightning_idlg.stopping import Stopping
 
-METHODS = ("dlg", "idlg")
 CONVERGED, NOT_CONVERGED, DIVERGED = "converged", "not_converged", "diverged"
+STATUSES = (CONVERGED, NOT_CONVERGED, DIVERGED)
 
 
 @dataclass
 class AttackResult:
-    """What the attacker ends with, per trial (K rows). Snapshots: step -> (S, C, H, W) dummies of the
-    first S trials, taken every `snapshot_every` steps (step 0 is the initial draw)."""
+    """What the attacker ends with, per trial (K rows of B samples). Snapshots: step -> (S, B, C, H, W)
+    dummies of the first S trials, taken every `snapshot_every` steps (step 0 is the initial draw)."""
 
     method: str
-    dummy: torch.Tensor
-    predicted_label: torch.Tensor
+    dummy: torch.Tensor            # (K, B, C, H, W)
+    predicted_label: torch.Tensor  # (K, B)
     distance: torch.Tensor
     status: list[str]
     steps: torch.Tensor
@@ -60,49 +60,44 @@ class AttackResult:
 
 
 class GradientInversion(pl.LightningModule):
-    def __init__(self, shared: SharedGradient, method: str = "idlg",
-                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, steps: int = 300,
-                 tolerance: float = 1e-6, divergence_bound: float = 1e4, label_rule: str = "weight_sum",
-                 dummy_seeds: list[int] | None = None, snapshot_every: int = 10, snapshot_trials: int = 0,
-                 patience: int | None = None, restarts: int = 0, restart_distance: float = 1e-2):
+    def __init__(self, shared: SharedGradient, label_strategy: LabelStrategy,
+                 optimizer: Callable[..., torch.optim.Optimizer], stopping: Stopping | None = None,
+                 objective=None, dummy=None, regularizers: Mapping[str, Callable] | None = None,
+                 name: str = "attack", dummy_seeds: list[int] | None = None, snapshot_every: int = 10,
+                 snapshot_trials: int = 0):
         super().__init__()
-        if method not in METHODS:
-            raise ConfigError(f"method={method!r} is not known; valid: {', '.join(METHODS)}")
-        if label_rule not in LABEL_RULES:
-            raise ConfigError(f"label_rule={label_rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
         if not isinstance(shared, SharedGradient):
             raise TypeError("GradientInversion takes a SharedGradient record (what the client shared) only")
-        if patience is not None and (not isinstance(patience, int) or patience < 1):
-            raise ConfigError(f"patience must be null or a positive integer, got {patience!r}")
-        if not isinstance(restarts, int) or restarts < 0:
-            raise ConfigError(f"restarts must be a non-negative integer, got {restarts!r}")
-        self.automatic_optimization = False  # the closure is ours: it returns one D per trial
-        self.patience, self.max_restarts, self.restart_distance = patience, restarts, restart_distance
-        self.method, self.label_rule = method, label_rule
-        self.steps, self.tolerance, self.divergence_bound = steps, tolerance, divergence_bound
+        if optimizer is None:
+            raise TypeError("GradientInversion needs an optimizer factory, e.g. "
+                            "functools.partial(lightning_idlg.optim.BatchedLBFGS, lr=1.0)")
+        label_strategy.check(shared.batch_size)
+        self.automatic_optimization = False  # the closure is ours: it returns one objective per trial
+        self.method, self.label_strategy = name, label_strategy
+        self.stopping = stopping if stopping is not None else Stopping()
+        self.dummy_part = dummy if dummy is not None else GaussianDummy()
+        self.regularizers = dict(regularizers or {})
         self.snapshot_every, self.snapshot_trials = snapshot_every, snapshot_trials
         self.optimizer_factory = optimizer
-        k = shared.trials
+        k = self.trials = shared.trials
+        self.batch_size, self.num_classes = shared.batch_size, shared.num_classes
         self.model = copy.deepcopy(shared.model).requires_grad_(False)
-        self._names = {"weight": list(shared.weights)}
-        for i, name in enumerate(self._names["weight"]):
-            self.register_buffer(f"weight_{i}", shared.weights[name].clone())
-        self.num_classes = shared.num_classes
-        self._distance = batched_distance(self.model, shared.input_shape)
+        self._names: dict[str, list[str]] = {}
+        self._one_network: set[tuple[str, str]] = set()  # (prefix, name) held once for all trials
+        self._store("weight", shared.weights)
+        self._store("buffer", shared.buffers or {})
+        objective = objective if objective is not None else SquaredL2()
+        self._distance = objective.build(self.model, shared.input_shape, shared.batch_size, shared.reduction)
         # what D compares against: the shared gradients, prepared once (the head's factored where it can be)
-        targets = self._distance.prepare(shared.gradients)
-        self._names["target"] = list(targets)
-        for i, name in enumerate(self._names["target"]):
-            self.register_buffer(f"target_{i}", targets[name].clone())
+        self._store("target", self._distance.prepare(shared.gradients))
 
-        seeds = dummy_seeds if dummy_seeds is not None else list(range(k))
-        self.dummy_seeds = list(seeds)
-        dummy, logits = _draw_dummies(seeds, shared.input_shape, shared.num_classes)
+        self.dummy_seeds = list(dummy_seeds) if dummy_seeds is not None else list(range(k))
+        dummy, logits = self.dummy_part.draw(self.dummy_seeds, shared.input_shape, self.batch_size, self.num_classes)
         self.dummy = nn.Parameter(dummy)
-        if method == "dlg":
+        if label_strategy.learned:
             self.dummy_label = nn.Parameter(logits)
         else:
-            self.register_buffer("label", self._extract_label(shared))
+            self.register_buffer("label", label_strategy.restore(shared))
 
         self.register_buffer("distance", torch.full((k,), float("inf")))
         self.register_buffer("steps_used", torch.zeros(k, dtype=torch.long))
@@ -115,64 +110,79 @@ class GradientInversion(pl.LightningModule):
         self.register_buffer("anchor_distance", torch.full((k,), float("inf")))
         self.register_buffer("anchor_step", torch.zeros(k, dtype=torch.long))
         self.snapshots: dict[int, torch.Tensor] = {}
-        self._gathered: dict[tuple, tuple[dict, dict]] = {}  # see _held_rows
+        self._gathered: dict[tuple, tuple[dict, dict, dict]] = {}  # see _held_rows
         self.gathers = 0
         self._started = 0.0
         self.seconds = 0.0
         self.evaluations = torch.zeros(k, dtype=torch.long)
 
     # what the attacker holds -------------------------------------------------------------------------
-    def _tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, f"{prefix}_{i}") for i, name in enumerate(self._names[prefix])}
+    def _store(self, prefix: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Register `tensors` as buffers `<prefix>_<i>`; one network shared by all trials (an expanded
+        view, stride 0 on the trial axis: a checkpoint) is kept once, not as K copies."""
+        self._names[prefix] = list(tensors)
+        for i, (name, t) in enumerate(tensors.items()):
+            if t.dim() and t.shape[0] == self.trials and t.shape[0] > 1 and t.stride(0) == 0:
+                self._one_network.add((prefix, name))
+                t = t[:1]
+            self.register_buffer(f"{prefix}_{i}", t.clone())
 
-    def _extract_label(self, shared: SharedGradient) -> torch.Tensor:
-        name, layer = output_layer(shared.model)
-        weight = shared.gradients[f"{name}.weight"]
-        bias = shared.gradients.get(f"{name}.bias") if layer.bias is not None else None
-        return extract_label(weight, bias, self.label_rule)
+    def _tensors(self, prefix: str, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """name -> (K, ...) or, with `rows`, (len(rows), ...): views where they can be, copies of rows else."""
+        out = {}
+        for i, name in enumerate(self._names[prefix]):
+            t = getattr(self, f"{prefix}_{i}")
+            n = self.trials if rows is None else rows.numel()
+            if (prefix, name) in self._one_network:
+                out[name] = t.expand(n, *t.shape[1:])
+            else:
+                out[name] = t if rows is None else t[rows]
+        return out
 
     @property
     def predicted_label(self) -> torch.Tensor:
-        if self.method == "dlg":
+        """(K, B) labels: argmax of the learned logits, or the restored labels."""
+        if self.label_strategy.learned:
             return self.dummy_label.detach().argmax(dim=-1)
         return self.label
 
-    def label_probs(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.method == "dlg":
+    def label_probs(self, rows) -> torch.Tensor:
+        if self.label_strategy.learned:
             return torch.softmax(self.dummy_label[rows], dim=-1)
         return nn.functional.one_hot(self.label[rows], self.num_classes).to(self.dummy.dtype)
 
     def objective(self, rows: torch.Tensor) -> torch.Tensor:
-        """D for the trials `rows`, differentiable w.r.t. their dummies."""
-        if rows.numel() == self.dummy.shape[0]:  # all trials: views, no copy
+        """D (plus the weighted regularizers) for the trials `rows`, differentiable w.r.t. their dummies."""
+        if rows.numel() == self.trials:  # all trials: views, no copy
             rows = slice(None)
-            weights, targets = self._tensors("weight"), self._tensors("target")
+            weights, targets, buffers = self._tensors("weight"), self._tensors("target"), self._tensors("buffer")
         else:
-            weights, targets = self._held_rows(rows)
-        return self._distance(weights, targets, self.dummy[rows], self.label_probs(rows))
+            weights, targets, buffers = self._held_rows(rows)
+        x = self.dummy[rows]
+        d = self._distance(weights, targets, x, self.label_probs(rows), buffers)
+        for regularizer in self.regularizers.values():
+            d = d + regularizer(x)
+        return d
 
-    def _held_rows(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The victims' weights and the targets of `rows`, gathered once per set of rows and kept for the
-        last two sets: the trials being evaluated change only when one ends its step or its attack, and
+    def _held_rows(self, rows: torch.Tensor):
+        """The victims' weights, targets and buffers of `rows`, gathered once per set of rows and kept for
+        the last two sets: the trials being evaluated change only when one ends its step or its attack, and
         gathering anew for every evaluation (LFW's output layer: 17.6 MB per trial) took half of LFW's
         time once some trials had converged."""
         key = (self.dummy.device, tuple(rows.tolist()))
         if key not in self._gathered:
             self._gathered = {k: v for k, v in list(self._gathered.items())[-1:]}
-            self._gathered[key] = ({n: w[rows] for n, w in self._tensors("weight").items()},
-                                   {n: g[rows] for n, g in self._tensors("target").items()})
+            self._gathered[key] = tuple(self._tensors(p, rows) for p in ("weight", "target", "buffer"))
             self.gathers += 1
         return self._gathered[key]
 
     # Lightning -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [self.dummy] + ([self.dummy_label] if self.method == "dlg" else [])
-        return self.optimizer_factory(params)
+        return self.optimizer_factory([self.dummy] + ([self.dummy_label] if self.label_strategy.learned else []))
 
     @property
     def max_steps(self) -> int:
-        """Steps a batch may take: `steps` per attempt, a restarted trial has `restarts` more attempts."""
-        return self.steps * (1 + self.max_restarts)
+        return self.stopping.max_steps
 
     def train_dataloader(self):
         # The data is the shared gradient, held by the module; the loader only paces the steps.
@@ -213,38 +223,40 @@ class GradientInversion(pl.LightningModule):
         return None
 
     def _update_status(self, running: torch.Tensor) -> None:
+        rules = self.stopping
         flat = self.dummy.detach().flatten(1)
         finite = torch.isfinite(self.distance) & torch.isfinite(flat).all(1)
-        blown_up = flat.abs().amax(1) > self.divergence_bound
-        if self.method == "dlg":
-            finite &= torch.isfinite(self.dummy_label.detach()).all(1)
+        blown_up = flat.abs().amax(1) > rules.divergence_bound
+        if self.label_strategy.learned:
+            finite &= torch.isfinite(self.dummy_label.detach()).flatten(1).all(1)
         self.diverged |= running & (~finite | blown_up)
-        self.converged |= running & ~self.diverged & (self.distance < self.tolerance)
+        self.converged |= running & ~self.diverged & (self.distance < rules.tolerance)
         open_ = running & ~self.diverged & ~self.converged
-        if self.patience is not None:
+        if rules.patience is not None:
             halved = open_ & (self.distance < 0.5 * self.anchor_distance)
             self.anchor_distance = torch.where(halved, self.distance, self.anchor_distance)
             self.anchor_step = torch.where(halved, self.attempt_steps, self.anchor_step)
-            self.stopped |= open_ & (self.attempt_steps - self.anchor_step >= self.patience)
-        self.stopped |= open_ & (self.attempt_steps >= self.steps)
+            self.stopped |= open_ & (self.attempt_steps - self.anchor_step >= rules.patience)
+        self.stopped |= open_ & (self.attempt_steps >= rules.steps)
 
     def _restart(self, raw) -> None:
         """Trials that diverged, or stopped with D >= restart_distance, and have restarts left: a fresh
         dummy (the next draw of the trial's own seed), a fresh optimizer state, `steps` more steps."""
-        if not self.max_restarts:
+        rules = self.stopping
+        if not rules.restarts:
             return
-        failed = self.diverged | (self.stopped & ~(self.distance < self.restart_distance))
-        again = failed & (self.restarts < self.max_restarts)
+        failed = self.diverged | (self.stopped & ~(self.distance < rules.restart_distance))
+        again = failed & (self.restarts < rules.restarts)
         if not again.any():
             return
         rows = again.nonzero().squeeze(1)
         self.restarts[rows] += 1
         for row in rows.tolist():
-            dummy, logits = _draw_dummies([self.dummy_seeds[row]], tuple(self.dummy.shape[1:]), self.num_classes,
-                                          attempt=int(self.restarts[row]))
+            dummy, logits = self.dummy_part.draw([self.dummy_seeds[row]], tuple(self.dummy.shape[2:]),
+                                                 self.batch_size, self.num_classes, attempt=int(self.restarts[row]))
             with torch.no_grad():
                 self.dummy[row] = dummy[0].to(self.dummy)
-                if self.method == "dlg":
+                if self.label_strategy.learned:
                     self.dummy_label[row] = logits[0].to(self.dummy_label)
         for flag in (self.diverged, self.stopped):
             flag[rows] = False
@@ -263,9 +275,9 @@ class GradientInversion(pl.LightningModule):
         self.evaluations = self.optimizers().optimizer.evaluations.cpu()
         self._gathered = {}  # copies of the victims' weights: free them with the attack done
         if self.snapshot_every and self.snapshot_trials:
-            # a batch that stopped early keeps its final dummies: fill the later slots with them
+            # a group that stopped early keeps its final dummies: fill the later slots with them
             final = self.dummy.detach()[: self.snapshot_trials].cpu().clone()
-            for step in range(0, self.steps + 1, self.snapshot_every):
+            for step in range(0, self.stopping.steps + 1, self.snapshot_every):
                 self.snapshots.setdefault(step, final)
 
     def result(self) -> AttackResult:
@@ -283,16 +295,3 @@ class GradientInversion(pl.LightningModule):
             snapshots=self.snapshots,
             restarts=self.restarts.cpu(),
         )
-
-
-def _draw_dummies(seeds: list[int], input_shape: tuple[int, ...], num_classes: int, attempt: int = 0):
-    """x' ~ N(0, 1) and l' ~ N(0, 1), each trial from its own seed (independent of the batch it runs in);
-    restart number `attempt` takes the (attempt + 1)-th draw of the same generator."""
-    dummies, logits = [], []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(int(seed))
-        for _ in range(attempt + 1):
-            dummy, logit = torch.randn(input_shape, generator=g), torch.randn(num_classes, generator=g)
-        dummies.append(dummy)
-        logits.append(logit)
-    return torch.stack(dummies), torch.stack(logits)

@@ -27,7 +27,8 @@ from rich.table import Table
 
 from lightning_idlg import metrics, tracking
 from lightning_idlg.attack import AttackResult, GradientInversion
-from lightning_idlg.client import PrivateBatch, share_gradient, stack_victims
+from lightning_idlg.client import Client, PrivateBatch, share_one_network, stack_victims
+from lightning_idlg.defenses import Defense, compose
 from lightning_idlg.data import pick_trials
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.monitor import ReconstructionMonitor, StepProgress
@@ -50,9 +51,13 @@ class Trial:
     """One attacked image: its position in the experiment and what is drawn from the seed for it."""
 
     index: int
-    image_index: int
+    images: tuple[int, ...]  # the client's B private images (data set indices)
     victim_seed: int
     dummy_seed: int
+
+    @property
+    def defense_seed(self) -> int:  # the client's defense draws (noise) for this trial
+        return derive_seed(self.victim_seed, self.index, 2)
 
 
 def derive_seed(seed: int, index: int, stream: int) -> int:
@@ -71,11 +76,13 @@ def validate(cfg: DictConfig) -> None:
     k = cfg.trials_per_batch
     if not (k == "auto" or (isinstance(k, int) and k >= 1)):
         raise ConfigError(f"trials_per_batch must be 'auto' or a positive integer, got {k!r}")
-    if not cfg.method:
-        raise ConfigError("method is empty; valid: method=dlg, method=idlg, method=both")
-    unknown = [m for m in cfg.method if m not in METHOD_ORDER]
-    if unknown:
-        raise ConfigError(f"method names {unknown} are not known; valid: {', '.join(METHOD_ORDER)}")
+    if not cfg.get("attack"):
+        raise ConfigError("attack is empty; valid: attack=dlg, attack=idlg, attack=both (or method=...)")
+
+
+def attack_names(cfg: DictConfig) -> list[str]:
+    """The run's attacks in config order (attack=both: dlg, then idlg); each is a `method` in the records."""
+    return list(cfg.attack)
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -122,9 +129,12 @@ def world_size(cfg: DictConfig) -> int:
 
 
 def plan_trials(cfg: DictConfig, dataset_size: int) -> list[Trial]:
-    images = pick_trials(dataset_size, cfg.trials, cfg.seed)
-    return [Trial(i, image, derive_seed(cfg.seed, i, 0), derive_seed(cfg.seed, i, 1))
-            for i, image in enumerate(images)]
+    """Trial i attacks the client holding images i*B .. i*B + B-1 of one seeded draw (B = 1: the paper's
+    one random image per trial)."""
+    b = int(cfg.client.batch_size)
+    images = pick_trials(dataset_size, cfg.trials * b, cfg.seed)
+    return [Trial(i, tuple(images[i * b:(i + 1) * b]), derive_seed(cfg.seed, i, 0), derive_seed(cfg.seed, i, 1))
+            for i in range(cfg.trials)]
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
@@ -138,7 +148,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     dataset = instantiate(cfg.dataset)
-    methods = [m for m in METHOD_ORDER if m in cfg.method]
+    methods = attack_names(cfg)
     done = recorded(run_dir)  # also what an interrupted multi-rank run left in its rank files
     trials = plan_trials(cfg, len(dataset))
     pending = [t for t in trials if any((m, t.index) not in done for m in methods)]
@@ -162,7 +172,7 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     One process (world 1): records go straight to trials.jsonl. A rank of several: to its own
     trials.rank{rank}.jsonl; after `barrier` (every rank's records are on disk) rank 0 merges them."""
     store = TrialStore(run_dir) if world == 1 else RankStore(run_dir, rank)
-    methods = [m for m in METHOD_ORDER if m in cfg.method]
+    methods = attack_names(cfg)
     # curves and panels come from one logger: rank 0's (its own batches); the others log nothing
     logger = instantiate(cfg.logger) if cfg.get("logger") and rank == 0 else None
     trainer_args = single_device_args(cfg, device)
@@ -204,7 +214,7 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
         overall = progress.add_task("trials" if world == 1 else f"trials (rank 0 of {world})", total=mine)
         steps_task = progress.add_task("steps", total=cfg.steps)
         for batch in batches:
-            private, shared = prepare_batch(cfg, dataset, batch)
+            private, shared, cost = prepare_batch(cfg, dataset, batch)
             results = {}
             for method in methods:
                 todo = [t for t in batch if (method, t.index) not in done]
@@ -212,11 +222,11 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
                     continue
                 progress.update(steps_task, description=f"{method} steps", completed=0)
                 result, used = attack_batch(cfg, method, shared, batch, logger, step_offset,
-                                            [ReconstructionMonitor(private.images, step_offset),
+                                            [ReconstructionMonitor(private.images.flatten(0, 1), step_offset),
                                              StepProgress(progress, steps_task)], trainer_args)
                 step_offset += used
                 results[method] = result
-                store.append(evaluate(cfg, result, private, batch, todo))
+                store.append(evaluate(cfg, result, private, batch, todo, cost))
                 progress.advance(overall, len(todo))
             save_pictures(cfg, run_dir, batch, private, results)
             del private, shared, results  # on disk now: nothing of a finished batch outlives it
@@ -392,30 +402,49 @@ def _restore_process_state(state: dict) -> None:
 
 
 def prepare_batch(cfg: DictConfig, dataset, batch: list[Trial]):
-    """The client side for a batch of trials: private images, fresh victims, shared gradients."""
-    images, labels = zip(*(dataset[t.image_index] for t in batch))
-    private = PrivateBatch(torch.stack(images), torch.tensor(labels), [t.index for t in batch])
+    """The client side for a group of trials: private images, victims, the shared (defended) gradients.
+    Returns (private, shared, cost): cost is the defense's price per trial (cosine similarity and relative
+    error of the shared gradient against the true one), for evaluation only."""
+    pairs = [[dataset[i] for i in t.images] for t in batch]
+    private = PrivateBatch(torch.stack([torch.stack([image for image, _ in p]) for p in pairs]),
+                           torch.tensor([[label for _, label in p] for p in pairs]), [t.index for t in batch])
     c, h, _ = dataset.shape
-    factory = instantiate(cfg.model.factory)
-    victims = [make_victim(factory, in_channels=c, image_size=h, num_classes=dataset.num_classes,
-                           seed=t.victim_seed, init=cfg.model.init, init_scale=cfg.model.init_scale)
-               for t in batch]
-    return private, share_gradient(victims[0], stack_victims(victims), private, dataset.num_classes)
+    factory, init = instantiate(cfg.model.factory), instantiate(cfg.model.init)
+
+    def build(seed: int):
+        return make_victim(factory, init, in_channels=c, image_size=h, num_classes=dataset.num_classes, seed=seed)
+
+    if init.one_network:  # a checkpoint: one network, viewed K times
+        victim = build(0)
+        weights, buffers = share_one_network(victim, len(batch))
+    else:  # the paper: a fresh network per trial
+        victims = [build(t.victim_seed) for t in batch]
+        victim = victims[0]
+        weights, buffers = stack_victims(victims)
+    client: Client = instantiate(cfg.client)
+    shared, cost = client.share(victim, weights, buffers, private, dataset.num_classes, make_defense(cfg),
+                                [t.defense_seed for t in batch])
+    return private, shared, cost
+
+
+def make_defense(cfg: DictConfig) -> Defense:
+    """The client's defenses (defense=..., a list applies them in order) as one transform."""
+    return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
 
 
 def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logger, step_offset: int,
                  callbacks, trainer_args: dict | None = None) -> tuple[AttackResult, int]:
-    attack: GradientInversion = instantiate(cfg.method[method])(
+    """Attack `method` (configs/attack/<method>.yaml, assembled from its parts) on one group of trials."""
+    node = cfg.attack[method]
+    # the run's optimizer (optimizer=...) unless the attack brings its own
+    optimizer = {} if node.get("optimizer") is not None else {"optimizer": instantiate(cfg.optimizer)}
+    attack: GradientInversion = instantiate(node)(
         shared=shared,
-        optimizer=instantiate(cfg.optimizer),
-        steps=cfg.steps,
-        tolerance=cfg.tolerance,
-        patience=cfg.patience,
-        restarts=cfg.restarts,
-        restart_distance=cfg.restart_distance,
+        name=method,
         dummy_seeds=[t.dummy_seed for t in batch],
         snapshot_every=cfg.snapshot_every,
         snapshot_trials=sum(t.index < cfg.progress_trials for t in batch),
+        **optimizer,
     )
     trainer = instantiate(cfg.trainer, max_steps=attack.max_steps, logger=logger if logger is not None else False,
                           callbacks=callbacks, **(trainer_args or {}))
@@ -424,50 +453,95 @@ def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logge
 
 
 def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch: list[Trial],
-             todo: list[Trial]) -> list[dict]:
-    """Per-trial records: the attack's output compared with the private data."""
-    mse = metrics.mse(result.dummy, private.images)
-    psnr = metrics.psnr(result.dummy, private.images)
-    ssim = metrics.ssim(result.dummy, private.images)
+             todo: list[Trial], cost: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """Per-trial records: the attack's output compared with the private data. For a client batch (B > 1)
+    each reconstruction is first matched to a private image (Hungarian assignment on MSE), and the record
+    holds per-image values under `images` and the trial's means."""
+    order = metrics.match(result.dummy, private.images)  # (K, B): reconstruction shown as private image j
+    dummy = torch.stack([d[o] for d, o in zip(result.dummy, order)])
+    predicted = torch.stack([p[o] for p, o in zip(result.predicted_label, order)])
+    k, b = private.labels.shape
+    flat, truth = dummy.flatten(0, 1), private.images.flatten(0, 1)
+    mse, psnr, ssim = (f(flat, truth).view(k, b) for f in (metrics.mse, metrics.psnr, metrics.ssim))
     wanted = {t.index for t in todo}
+    axes = record_axes(cfg)
     records = []
     for row, trial in enumerate(batch):
         if trial.index not in wanted:
             continue
-        label, predicted = int(private.labels[row]), int(result.predicted_label[row])
-        records.append({
+        labels, guesses = private.labels[row].tolist(), predicted[row].tolist()
+        correct = [y == p for y, p in zip(labels, guesses)]
+        record = {
             "method": result.method,
             "index": trial.index,
-            "image_index": trial.image_index,
-            "label": label,
-            "predicted_label": predicted,
-            "label_correct": label == predicted,
-            "mse": float(mse[row]),
-            "psnr": float(psnr[row]),
-            "ssim": float(ssim[row]),
+            "image_index": trial.images[0] if b == 1 else list(trial.images),
+            "label": labels[0] if b == 1 else labels,
+            "predicted_label": guesses[0] if b == 1 else guesses,
+            "label_correct": all(correct),
+            "mse": float(mse[row].mean()),
+            "psnr": float(psnr[row].mean()),
+            "ssim": float(ssim[row].mean()),
             "distance": float(result.distance[row]),
             "status": result.status[row],
             "steps": int(result.steps[row]),
             "evaluations": int(result.evaluations[row]),
             "restarts": int(result.restarts[row]),
-            "seconds": result.seconds / len(batch),  # the batch's wall time, shared among its trials
+            "seconds": result.seconds / len(batch),  # the group's wall time, shared among its trials
             "batch_size": len(batch),
             "seed": cfg.seed,
             "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
-        })
+            "client_batch_size": b,
+            "axes": {**axes, "attack": result.method},
+        }
+        if cost is not None:
+            record["defense_cosine"] = float(cost["cosine"][row])
+            record["defense_relative_error"] = float(cost["relative_error"][row])
+        if b > 1:
+            record["label_accuracy"] = sum(correct) / b
+            record["images"] = [{"image_index": i, "label": y, "predicted_label": p, "mse": float(m),
+                                 "psnr": float(q), "ssim": float(s), "matched_reconstruction": int(o)}
+                                for i, y, p, m, q, s, o in zip(trial.images, labels, guesses, mse[row], psnr[row],
+                                                               ssim[row], order[row])]
+        records.append(record)
     return records
+
+
+def record_axes(cfg: DictConfig) -> dict:
+    """The run's choices that define what was attacked and how, as flat keys (what the report and W&B
+    group by): data set, victim, its init, the client, the defense and its parameters. Taken from the
+    config alone, so every rank of a run writes the same."""
+    defense = cfg.get("defense") or {}
+    init = cfg.model.get("init") or {}
+    axes = {
+        "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
+        "model": cfg.model.factory._target_.rsplit(".", 1)[-1],
+        "model.init": str(init.get("_target_", "")).rsplit(".", 1)[-1],
+        **{f"model.init.{k}": v for k, v in init.items() if k != "_target_"},
+        **{f"model.factory.{k}": v for k, v in cfg.model.factory.items() if not k.startswith("_")},
+        **{f"client.{k}": v for k, v in cfg.client.items() if k != "_target_"},
+        "defense": "+".join(defense) or "none",
+        **{f"defense.{name}.{k}": v for name, node in defense.items() for k, v in node.items() if k != "_target_"},
+    }
+    return {k: (OmegaConf.to_container(v) if OmegaConf.is_config(v) else v) for k, v in axes.items()}
 
 
 def save_pictures(cfg: DictConfig, run_dir: Path, batch: list[Trial], private: PrivateBatch,
                   results: dict[str, AttackResult]) -> None:
+    """trial_NNNNN.png per trial (a client batch: trial_NNNNN_sJ.png per private image J, beside the
+    reconstruction matched to it) and the progress strips of the first `progress_trials` trials (for a
+    client batch, of its first reconstruction)."""
     if not results or not cfg.get("pictures", True):
         return
     methods = list(results)
+    b = private.images.shape[1]
+    orders = {m: metrics.match(results[m].dummy, private.images) for m in methods}
     for row, trial in enumerate(batch):
-        save_trial_picture(run_dir / "pictures" / f"trial_{trial.index:05d}.png", private.images[row],
-                           [results[m].dummy[row] for m in methods])
+        for j in range(b):
+            name = f"trial_{trial.index:05d}.png" if b == 1 else f"trial_{trial.index:05d}_s{j}.png"
+            save_trial_picture(run_dir / "pictures" / name, private.images[row, j],
+                               [results[m].dummy[row, orders[m][row, j]] for m in methods])
         if trial.index < cfg.progress_trials and all(results[m].snapshots for m in methods):
-            strips = [[snaps[row] for _, snaps in sorted(results[m].snapshots.items())] for m in methods]
+            strips = [[snaps[row, 0] for _, snaps in sorted(results[m].snapshots.items())] for m in methods]
             save_progress_strip(run_dir / "pictures" / f"progress_{trial.index:05d}.png", strips)
 
 

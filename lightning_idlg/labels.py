@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lightning_idlg.errors import ConfigError
+from lightning_idlg.victim import output_layer
 
 LABEL_RULES = ("bias", "weight_sum", "inner_product")
 
@@ -54,3 +55,53 @@ def _inner_product_rule(weight_grad: torch.Tensor) -> torch.Tensor:
     zero = products == 0
     lone_zero = ~negative.any(dim=-1) & (zero.sum(dim=-1) == 1) & ((products > 0).sum(dim=-1) >= 2)
     return torch.where(lone_zero, zero.float().argmax(dim=-1), label)
+
+
+# ---------------------------------------------------------------------------------------------- strategies
+# A label strategy is one part of an attack (configs/attack/*.yaml `labels`). It says whether the labels
+# are learned with the dummy (DLG) or restored from the shared gradient before the optimization (iDLG), and
+# which client batch sizes B it supports.
+
+class LabelStrategy:
+    """learned: labels are optimized jointly with x' (the attack holds logits); else `restore` gives them.
+    max_batch: the largest client batch B the strategy is defined for (None: any)."""
+
+    name = "labels"
+    learned = False
+    max_batch: int | None = None
+
+    def check(self, batch_size: int) -> None:
+        if self.max_batch is not None and batch_size > self.max_batch:
+            raise ConfigError(f"the {self.name} label strategy supports client.batch_size <= {self.max_batch}, "
+                              f"got {batch_size}; use a learned label (attack=dlg) for larger client batches")
+
+    def restore(self, shared) -> torch.Tensor:
+        """(K, B) labels from a SharedGradient (analytic strategies)."""
+        raise NotImplementedError(f"{type(self).__name__} learns its labels; it restores none")
+
+
+class LearnedLabel(LabelStrategy):
+    """DLG: dummy label logits l' (K, B, classes) optimized jointly with x'; label = argmax l', label
+    probabilities softmax(l'). Any B."""
+
+    name = "learned"
+    learned = True
+
+
+class AnalyticLabel(LabelStrategy):
+    """iDLG: the label read from the shared gradient of the last Linear layer by `rule` (see the module
+    docstring), exact for one sample: B = 1 only (batch label restoration is another strategy)."""
+
+    name = "iDLG"
+    max_batch = 1
+
+    def __init__(self, rule: str = "weight_sum"):
+        if rule not in LABEL_RULES:
+            raise ConfigError(f"labels.rule={rule!r} is not known; valid: {', '.join(LABEL_RULES)}")
+        self.rule = rule
+
+    def restore(self, shared) -> torch.Tensor:
+        name, layer = output_layer(shared.model)
+        weight = shared.gradients[f"{name}.weight"]
+        bias = shared.gradients.get(f"{name}.bias") if layer.bias is not None else None
+        return extract_label(weight, bias, self.rule)[:, None]

@@ -60,3 +60,24 @@ def median(values: list[float]) -> float:
     if len(finite_or_inf) % 2:
         return finite_or_inf[mid]
     return (finite_or_inf[mid - 1] + finite_or_inf[mid]) / 2
+
+
+def match(reconstructions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(K, B) assignment for K clients of B samples ((K, B, C, H, W) each): order[k, j] is the
+    reconstruction matched to private image j, the assignment of least total MSE (Hungarian method,
+    scipy's linear_sum_assignment). A reconstruction's position carries no meaning (the gradient of a batch
+    is invariant to its order), so metrics compare matched pairs. B = 1: all zeros."""
+    k, b = targets.shape[:2]
+    if b == 1:
+        return torch.zeros(k, 1, dtype=torch.long)
+    from scipy.optimize import linear_sum_assignment
+
+    orders = []
+    for rec, tgt in zip(reconstructions, targets):
+        cost = ((rec.double().flatten(1)[:, None] - tgt.double().flatten(1)[None]) ** 2).mean(-1)  # (rec, tgt)
+        cost = torch.nan_to_num(cost, nan=1e300, posinf=1e300)  # a diverged dummy matches last, never fails
+        rows, cols = linear_sum_assignment(cost.numpy())
+        order = torch.empty(b, dtype=torch.long)
+        order[torch.as_tensor(cols)] = torch.as_tensor(rows)
+        orders.append(order)
+    return torch.stack(orders)

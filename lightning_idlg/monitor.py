@@ -29,7 +29,7 @@ class ReconstructionMonitor(pl.Callback):
         step = trainer.global_step
         if trainer.logger is None or step % self.every:
             return
-        dummy = pl_module.dummy.detach().cpu()
+        dummy = pl_module.dummy.detach().cpu().flatten(0, 1)  # (K, B, C, H, W) -> one image per row
         mse = metrics.mse(dummy, self.private_images)
         psnr = metrics.psnr(dummy, self.private_images)
         prefix = pl_module.method
@@ -45,7 +45,7 @@ class ReconstructionMonitor(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         # the batch's final reconstructions, also when it stopped early (all trials converged) between panels
         if trainer.logger is not None and not tracking.panel_due(trainer.logger, trainer.global_step):
-            self._panel(trainer, pl_module, pl_module.dummy.detach().cpu())
+            self._panel(trainer, pl_module, pl_module.dummy.detach().cpu().flatten(0, 1))
 
     def _panel(self, trainer, pl_module, dummy: torch.Tensor) -> None:
         if trainer.is_global_zero:  # building the grid is work: skip it where Lightning would drop the log

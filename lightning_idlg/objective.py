@@ -1,7 +1,7 @@
 """The gradient-matching objective D (DLG eq. 4): the plain sum, over every parameter tensor, of squared
 differences between the dummy's gradient and the shared gradient. No normalization (the paper's).
 
-`batched_distance` computes D for K trials at once, each with its own victim weights, differentiable
+`BatchedDistance` (built by the `SquaredL2` part) computes D for K trials at once, each with its own victim weights, differentiable
 w.r.t. the dummies (double backprop). Two routes to the same D:
 
 - plain: torch.func.grad of the sample loss, vmapped over the trials; any model.
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from lightning_idlg.client import sample_loss, soft_cross_entropy
+from lightning_idlg.client import batch_loss, soft_cross_entropy
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.victim import output_layer
 
@@ -55,22 +55,26 @@ RANK_ONE_RTOL = 1e-5  # ||T - a b^T|| / ||T|| below which the head's shared grad
 
 
 class BatchedDistance:
-    """D for K trials at once: distance(weights, targets, dummy x', dummy label probs) -> (K,).
+    """D for K trials at once: distance(weights, targets, x', label probs, buffers) -> (K,), with x'
+    (K, B, C, H, W) and label probs (K, B, classes) for a client batch of B samples.
 
     `targets` are the shared gradients as they were shared, or as `prepare` returns them (once per
     batch: the head's gradient factored where it is rank one). With `input_shape` (one input's
-    (C, H, W)) the head-split route is used where the model allows it (see the module docstring);
-    otherwise, and without it, the plain route."""
+    (C, H, W)) and B = 1 the head-split route is used where the model allows it (see the module
+    docstring); otherwise the plain route. `buffers` (name -> (K, *shape), may be empty) are passed to
+    the model with the weights (BatchNorm statistics in eval mode)."""
 
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | None = None):
-        split = split_head(model, input_shape) if input_shape is not None else None
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | None = None, batch_size: int = 1,
+                 reduction: str = "mean"):
+        # the head split writes out the gradient of one sample's loss (g h^T); a batch's is a sum of those
+        split = split_head(model, input_shape) if input_shape is not None and batch_size == 1 else None
         self.head = split[1] if split is not None else None
-        self._distance = _plain_distance(model) if split is None else _head_split_distance(*split)
+        self._distance = _plain_distance(model, reduction) if split is None else _head_split_distance(*split)
 
     def prepare(self, shared_grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The targets D compares against: the shared gradients, with the head's weight gradient T
         replaced by its float64 factors (`<head>.weight:left`, `:right`, `:residual`) where every trial's T
-        is rank one to float32 rounding; unchanged otherwise."""
+        is rank one to float32 rounding; unchanged otherwise (a defended gradient is not rank one)."""
         name = f"{self.head}.weight"
         factorable = self.head is not None and shared_grads[name].dtype != torch.float64
         factors = rank_one_factors(shared_grads[name]) if factorable else None
@@ -80,12 +84,20 @@ class BatchedDistance:
         targets.update({f"{name}:left": factors[0], f"{name}:right": factors[1], f"{name}:residual": factors[2]})
         return targets
 
-    def __call__(self, weights, targets, x, label_probs) -> torch.Tensor:
-        return self._distance(weights, targets, x, label_probs)
+    def __call__(self, weights, targets, x, label_probs, buffers=None) -> torch.Tensor:
+        return self._distance(weights, targets, x, label_probs, buffers or {})
 
 
-def batched_distance(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> BatchedDistance:
-    return BatchedDistance(model, input_shape)
+class SquaredL2:
+    """The matching objective of DLG and iDLG (DLG eq. 4): D = sum over every parameter tensor of the
+    squared differences between the dummy's gradient and the shared one, unnormalized. One part of an
+    attack (configs/attack/*.yaml `objective`); `build` gives the batched D for a victim and client."""
+
+    name = "squared_l2"
+
+    def build(self, model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
+              reduction: str = "mean") -> BatchedDistance:
+        return BatchedDistance(model, input_shape, batch_size, reduction)
 
 
 def rank_one_factors(target: torch.Tensor, rtol: float = RANK_ONE_RTOL):
@@ -107,11 +119,11 @@ def rank_one_factors(target: torch.Tensor, rtol: float = RANK_ONE_RTOL):
     return torch.stack(lefts), torch.stack(rights), torch.stack(residuals)
 
 
-def _plain_distance(model: nn.Module):
-    dummy_gradient = grad(sample_loss(model))
+def _plain_distance(model: nn.Module, reduction: str = "mean"):
+    dummy_gradient = grad(batch_loss(model, reduction))
 
-    def one_trial(weights, shared_grads, x, label_probs):
-        return gradient_distance(dummy_gradient(weights, x, label_probs), shared_grads)
+    def one_trial(weights, shared_grads, x, label_probs, buffers):
+        return gradient_distance(dummy_gradient(weights, buffers, x, label_probs), shared_grads)
 
     return vmap(one_trial)
 
@@ -180,17 +192,18 @@ def _rank_one_head_distance(g, h, left, right, residual) -> torch.Tensor:
 def _head_split_distance(body: nn.Module, head: str):
     prefix = head + "."
 
-    def body_loss(body_weights, head_weights, x, label_probs):
-        h = functional_call(body, body_weights, (x.unsqueeze(0),))
+    def body_loss(body_weights, head_weights, x, label_probs, buffers):
+        h = functional_call(body, {**body_weights, **buffers}, (x.unsqueeze(0),))
         logits = nn.functional.linear(h, head_weights["weight"], head_weights.get("bias"))
         return soft_cross_entropy(logits, label_probs.unsqueeze(0)), (h[0], logits[0])
 
     body_gradient = vmap(grad(body_loss, has_aux=True))
 
-    def distance(weights, shared_grads, x, label_probs):
+    def distance(weights, shared_grads, x, label_probs, buffers):
+        x, label_probs = x[:, 0], label_probs[:, 0]  # B = 1: the route is for one sample's gradient
         body_weights = {n: w for n, w in weights.items() if not n.startswith(prefix)}
         head_weights = {n[len(prefix):]: w for n, w in weights.items() if n.startswith(prefix)}
-        body_grads, (h, logits) = body_gradient(body_weights, head_weights, x, label_probs)
+        body_grads, (h, logits) = body_gradient(body_weights, head_weights, x, label_probs, buffers)
         # dL/dlogits of the soft cross-entropy (one sample): softmax * sum(p) - p (sum(p) = 1, kept so
         # that DLG's gradient through p is exact)
         g = torch.softmax(logits, -1) * label_probs.sum(-1, keepdim=True) - label_probs

@@ -2,7 +2,9 @@
 
 The paper's victim is a LeNet without pooling, sigmoid activations, every weight and bias drawn from
 U(-0.5, 0.5), untrained, a fresh network per trial. `make_victim` builds one from a seed so that the
-same trial always attacks the same network, whatever batch it runs in.
+same trial always attacks the same network, whatever group it runs in. How its weights are set is a part
+of its own (configs/model/init/*.yaml): `UniformInit` (the paper), `DefaultInit` (PyTorch's), or
+`CheckpointInit` (one saved network for all trials).
 """
 
 from __future__ import annotations
@@ -68,29 +70,91 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-def init_weights(model: nn.Module, init: str = "uniform", scale: float = 0.5) -> nn.Module:
-    """Re-draw every parameter. `uniform`: U(-scale, scale) for all weights and biases (the paper: 0.5);
-    `default`: keep PyTorch's own initialization."""
-    if init == "default":
+class UniformInit:
+    """The paper's victim: every weight and bias re-drawn from U(-scale, scale) (scale 0.5), a fresh network
+    per trial (from the trial's seed)."""
+
+    one_network = False
+
+    def __init__(self, scale: float = 0.5):
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
+            raise ConfigError(f"model.init.scale must be a number > 0 (the paper: 0.5), got {scale!r}")
+        self.scale = float(scale)
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.uniform_(-self.scale, self.scale)
         return model
-    if init != "uniform":
-        raise ConfigError(f"model.init={init!r} is not known; valid: uniform, default")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.uniform_(-scale, scale)
-    return model
+
+    def describe(self) -> dict:
+        return {"name": "uniform", "scale": self.scale}
 
 
-def make_victim(factory: Callable[..., nn.Module], *, in_channels: int, image_size: int, num_classes: int,
-                seed: int, init: str = "uniform", init_scale: float = 0.5) -> nn.Module:
-    """A fresh victim network drawn from `seed` (the paper draws a new network for every trial)."""
+class DefaultInit:
+    """PyTorch's own initialization of each layer, a fresh network per trial (from the trial's seed)."""
+
+    one_network = False
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def describe(self) -> dict:
+        return {"name": "default"}
+
+
+class CheckpointInit:
+    """One trained (or otherwise saved) network for every trial: its weights and buffers loaded from `path`
+    with `torch.load(weights_only=True)` (a plain state dict, or a Lightning checkpoint's `state_dict`,
+    whose keys may carry a `model.` prefix)."""
+
+    one_network = True
+
+    def __init__(self, path: str):
+        if not path:
+            raise ConfigError("model.init.path is empty; set model.init.path=<file saved with torch.save(model.state_dict())>")
+        self.path = str(path)
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        from pathlib import Path
+
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: model.init.path={self.path}")
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle with code in it, truncated file, not a torch file
+            raise ConfigError(f"model.init.path={self.path} is not a weights-only torch checkpoint "
+                              f"({type(err).__name__}); save one with torch.save(model.state_dict(), path)") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.init.path={self.path} holds no state dict")
+        names = set(model.state_dict())
+        if not names & set(state):  # a LightningModule's keys: "<attribute>.<name>"
+            state = {k.split(".", 1)[1]: v for k, v in state.items() if "." in k and k.split(".", 1)[1] in names}
+        missing, unexpected = sorted(names - set(state)), sorted(set(state) - names)
+        if missing or unexpected:
+            raise ConfigError(f"model.init.path={self.path} does not fit {type(model).__name__}: "
+                              f"{len(missing)} missing (first: {missing[:1]}), {len(unexpected)} unexpected "
+                              f"(first: {unexpected[:1]}); check model= and its width/activation keys")
+        model.load_state_dict(state)
+        return model
+
+    def describe(self) -> dict:
+        return {"name": "checkpoint", "path": self.path}
+
+
+def make_victim(factory: Callable[..., nn.Module], init: Callable[[nn.Module], nn.Module] | None = None, *,
+                in_channels: int, image_size: int, num_classes: int, seed: int) -> nn.Module:
+    """A victim network built by `factory` and initialized by `init` (lightning_idlg.victim.UniformInit:
+    the paper draws a new network for every trial, from `seed`)."""
+    init = init if init is not None else UniformInit()
     # CUDA's generator only where CUDA is already in use: asking for it would initialize CUDA, which a CPU
     # rank forked from the app (experiment.start_method) must not do needlessly
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model = factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
-        return init_weights(model, init, init_scale)
+        return init(model)
 
 
 def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:

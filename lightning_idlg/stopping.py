@@ -1,0 +1,55 @@
+"""When a trial stops: the attack's stopping rules, one part of an attack (configs/attack/*.yaml `stopping`).
+
+Per trial, after every optimizer step:
+- converged: the gradient distance D < `tolerance` (the paper: 1e-6);
+- diverged: D or the dummy is no longer finite, or |x'| exceeds `divergence_bound`;
+- stopped: `steps` steps taken (the paper: 300), or, with `patience`, D has not halved within `patience`
+  steps (beyond the paper: a stalled trial stops costing evaluations).
+A trial that diverged, or stopped with D >= `restart_distance`, starts again from a fresh dummy at most
+`restarts` times (beyond the paper; 0 keeps it off).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lightning_idlg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stopping:
+    steps: int = 300
+    tolerance: float = 1e-6
+    patience: int | None = None
+    restarts: int = 0
+    restart_distance: float = 1e-2
+    divergence_bound: float = 1e4
+
+    def __post_init__(self) -> None:
+        if not _positive_int(self.steps):
+            raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
+        if not _positive_number(self.tolerance):
+            raise ConfigError(f"tolerance must be a number > 0 (the paper: 1e-6), got {self.tolerance!r}")
+        if self.patience is not None and not _positive_int(self.patience):
+            raise ConfigError(f"patience must be null or a positive integer, got {self.patience!r}")
+        if not (_positive_int(self.restarts) or (self.restarts == 0 and isinstance(self.restarts, int)
+                                                 and not isinstance(self.restarts, bool))):
+            raise ConfigError(f"restarts must be a non-negative integer, got {self.restarts!r}")
+        if not _positive_number(self.restart_distance):
+            raise ConfigError(f"restart_distance must be a number > 0, got {self.restart_distance!r}")
+        if not _positive_number(self.divergence_bound):
+            raise ConfigError(f"divergence_bound must be a number > 0, got {self.divergence_bound!r}")
+
+    @property
+    def max_steps(self) -> int:
+        """Steps a group may take: `steps` per attempt, and a restarted trial has `restarts` more attempts."""
+        return self.steps * (1 + self.restarts)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
