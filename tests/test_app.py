@@ -13,20 +13,38 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 
 import lightning_idlg.attack as attack_module
 from lightning_idlg.attack import GradientInversion
+from lightning_idlg.labels import LearnedLabel
+from lightning_idlg.optim import BatchedLBFGS
 from lightning_idlg.client import PrivateBatch, SharedGradient
 from lightning_idlg.experiment import ConfigError, prepare_batch, run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("dataset", "model", "method", "optimizer", "trainer", "logger", "experiment")
+GROUPS = ("dataset", "model", "model/init", "client", "defense", "attack", "method", "optimizer", "trainer", "logger",
+          "experiment")
 
 
 def cfg_of(*overrides: str):
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         return compose("config", overrides=["progress_bar=false", *overrides])
+
+
+def attack_of(shared: SharedGradient, name: str = "idlg", *overrides: str) -> GradientInversion:
+    """The attack `name` as configs/attack/<name>.yaml assembles it, on `shared`."""
+    cfg = cfg_of(*overrides)
+    return instantiate(cfg.attack[name])(shared=shared, name=name, optimizer=instantiate(cfg.optimizer))
+
+
+def _tiny_shared() -> SharedGradient:
+    cfg = cfg_of("trials=2", "dataset.image_size=8")
+    from lightning_idlg.experiment import plan_trials
+    dataset = instantiate(cfg.dataset)
+    return prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))[1]
 
 
 def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -35,14 +53,37 @@ def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+SHARED = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_record():
+    global SHARED
+    SHARED = _tiny_shared()
+
+
 @pytest.mark.parametrize("group,option", [
     (group, path.stem) for group in GROUPS for path in sorted((CONFIGS / group).glob("*.yaml"))
 ])
 def test_every_config_group_option_composes(group, option):
-    cfg = cfg_of(f"{group}={option}")
+    extra = ["model.init.path=x.pt"] if (group, option) == ("model/init", "checkpoint") else []
+    cfg = cfg_of(f"{group}={option}", *extra)
     assert cfg.trials >= 1 and cfg.steps >= 1
     assert "factory" in cfg.model and cfg.optimizer._target_.startswith("lightning_idlg.optim.")
-    assert set(cfg.method) <= {"dlg", "idlg"} and cfg.method
+    assert set(cfg.attack) <= {"dlg", "idlg"} and cfg.attack
+    if group in ("attack", "method"):
+        assert set(cfg.attack) == ({"dlg", "idlg"} if option == "both" else {option})
+    # every part is instantiated, not only composed
+    from lightning_idlg.experiment import make_defense
+    assert instantiate(cfg.client).batch_size == cfg.client.batch_size
+    chain = make_defense(cfg)
+    assert chain.describe()["name"] == ("+".join(cfg.defense) or "none")
+    if group == "defense":
+        assert list(cfg.defense) == ([] if option == "none" else [option])
+    init = instantiate(cfg.model.init)
+    assert init.one_network == (cfg.model.init._target_.endswith("CheckpointInit"))
+    for name, node in cfg.attack.items():
+        assert instantiate(node)(shared=SHARED, name=name, optimizer=instantiate(cfg.optimizer)).method == name
 
 
 def test_paper_presets_are_the_reference_protocol():
@@ -50,9 +91,12 @@ def test_paper_presets_are_the_reference_protocol():
         cfg = cfg_of(f"experiment={name}")
         assert cfg.dataset._target_ == f"lightning_idlg.data.{classes_dataset}"
         assert (cfg.trials, cfg.steps, cfg.tolerance) == (1000, 300, 1e-6)
-        assert cfg.model.factory.activation == "sigmoid" and cfg.model.init_scale == 0.5
-        assert set(cfg.method) == {"dlg", "idlg"} and cfg.method.idlg.label_rule == "weight_sum"
-        assert set(cfg_of(f"experiment={name}", "method=dlg").method) == {"dlg"}  # a preset with one method
+        assert cfg.model.factory.activation == "sigmoid" and cfg.model.init.scale == 0.5
+        assert cfg.model.init._target_ == "lightning_idlg.victim.UniformInit"
+        assert set(cfg.attack) == {"dlg", "idlg"} and cfg.attack.idlg.label_strategy.rule == "weight_sum"
+        assert cfg.attack.dlg.label_strategy._target_ == "lightning_idlg.labels.LearnedLabel"
+        assert (cfg.client.batch_size, cfg.client.reduction, dict(cfg.defense)) == (1, "mean", {})
+        assert set(cfg_of(f"experiment={name}", "method=dlg").attack) == {"dlg"}  # a preset with one method
         opt = cfg.optimizer
         assert (opt.lr, opt.max_iter, opt.history_size, opt.line_search_fn) == (1.0, 20, 100, None)
 
@@ -62,24 +106,27 @@ def test_improved_presets_are_the_paper_protocol_plus_line_search_restarts_patie
         paper, improved = cfg_of(f"experiment={name}"), cfg_of(f"experiment={name}_improved")
         assert improved.optimizer.line_search_fn == "strong_wolfe" and paper.optimizer.line_search_fn is None
         assert (improved.patience, improved.restarts) == (20, 2) and (paper.patience, paper.restarts) == (None, 0)
-        for key in ("dataset", "model", "method", "trials", "steps", "tolerance", "seed"):
+        for key in ("dataset", "model", "client", "defense", "trials", "steps", "tolerance", "seed"):
             assert improved[key] == paper[key], key
+        # the attacks' parts are the same; only the shortcuts their stopping reads differ
+        assert OmegaConf.to_container(improved.attack) == OmegaConf.to_container(paper.attack)
 
 
 def test_restarts_redraw_a_diverged_trial_and_are_recorded(tmp_path):
     """divergence_bound 0.5: every N(0, 1) dummy 'diverges' at once, so each trial uses all its restarts,
     each from the next draw of its own seed, and ends diverged."""
-    from lightning_idlg.attack import _draw_dummies
+    from lightning_idlg.dummy import GaussianDummy
 
-    run(cfg_of("method=idlg", "trials=2", "steps=5", "restarts=2", "method.idlg.divergence_bound=0.5",
+    run(cfg_of("method=idlg", "trials=2", "steps=5", "restarts=2", "attack.idlg.stopping.divergence_bound=0.5",
                "dataset.image_size=16", "pictures=false", "progress_trials=0"), tmp_path)
     records = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert [r["restarts"] for r in records] == [2, 2]
     assert [r["status"] for r in records] == ["diverged", "diverged"]
     assert [r["steps"] for r in records] == [3, 3]  # one step per attempt
-    first, second = _draw_dummies([7], (1, 4, 4), 10), _draw_dummies([7], (1, 4, 4), 10, attempt=1)
+    draw = GaussianDummy().draw
+    first, second = draw([7], (1, 4, 4), 1, 10), draw([7], (1, 4, 4), 1, 10, attempt=1)
     assert not torch.equal(first[0], second[0])
-    assert torch.equal(second[0], _draw_dummies([7], (1, 4, 4), 10, attempt=1)[0])  # deterministic
+    assert torch.equal(second[0], draw([7], (1, 4, 4), 1, 10, attempt=1)[0])  # deterministic
 
 
 def test_patience_stops_a_trial_whose_distance_stops_halving(tmp_path):
@@ -196,7 +243,8 @@ def test_same_seed_same_results_and_batching_does_not_matter(tmp_path):
 def test_the_attack_sees_only_the_shared_gradient():
     """The wall between client and attacker: by the API, by the record's fields, by the imports."""
     assert {f.name for f in fields(SharedGradient)} == {"model", "weights", "gradients", "input_shape",
-                                                        "num_classes", "defense"}
+                                                        "num_classes", "batch_size", "reduction", "buffers",
+                                                        "defense"}
     params = set(inspect.signature(GradientInversion.__init__).parameters)
     assert not params & {"images", "labels", "private", "target", "x", "y"}
     assert "PrivateBatch" not in vars(attack_module)
@@ -204,10 +252,10 @@ def test_the_attack_sees_only_the_shared_gradient():
     from hydra.utils import instantiate
     from lightning_idlg.experiment import plan_trials
     dataset = instantiate(cfg.dataset)
-    private, shared = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
+    private, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
     with pytest.raises(TypeError, match="SharedGradient"):
-        GradientInversion(private)  # a PrivateBatch is refused
-    attack = GradientInversion(shared, method="idlg")
+        GradientInversion(private, LearnedLabel(), optimizer=BatchedLBFGS)  # a PrivateBatch is refused
+    attack = attack_of(shared)
     held = [t for t in list(attack.buffers()) + list(attack.parameters())]
     for tensor in held:  # nothing the attack holds is the private image
         assert not (tensor.shape == private.images.shape and torch.equal(tensor, private.images))
@@ -221,14 +269,14 @@ def test_the_attack_factors_a_rank_one_head_gradient():
     from lightning_idlg.experiment import plan_trials
     cfg = cfg_of("trials=2", "dataset.image_size=16")
     dataset = instantiate(cfg.dataset)
-    _, shared = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
+    _, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
     head = "classifier.weight"
-    factored = GradientInversion(shared, method="idlg")._names["target"]
+    factored = attack_of(shared)._names["target"]
     assert head not in factored and {f"{head}:left", f"{head}:right", f"{head}:residual"} <= set(factored)
     t = shared.gradients[head]
     noise = 1e-3 * t.abs().max() * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
     noised = replace(shared, gradients={**shared.gradients, head: t + noise})
-    assert head in GradientInversion(noised, method="idlg")._names["target"]
+    assert head in attack_of(noised)._names["target"]
 
 
 def test_the_attack_gathers_the_evaluated_rows_once_per_set():
@@ -237,8 +285,8 @@ def test_the_attack_gathers_the_evaluated_rows_once_per_set():
     from hydra.utils import instantiate
     from lightning_idlg.experiment import plan_trials
     cfg = cfg_of("trials=3", "dataset.image_size=16")
-    _, shared = prepare_batch(cfg, instantiate(cfg.dataset), plan_trials(cfg, 3))
-    attack = GradientInversion(shared, method="idlg")
+    _, shared, _ = prepare_batch(cfg, instantiate(cfg.dataset), plan_trials(cfg, 3))
+    attack = attack_of(shared)
     every = attack.objective(torch.arange(3)).detach()
     assert attack.gathers == 0
     for rows, gathers in (([0], 1), ([0], 1), ([1], 2), ([0], 2), ([2], 3), ([1], 3), ([0], 4)):

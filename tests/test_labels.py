@@ -136,7 +136,8 @@ def test_rules_exact_through_lenet_pipeline(activation):
     g = torch.Generator().manual_seed(11)
     images = torch.rand(k, 3, 32, 32, generator=g)
     labels = torch.randint(num_classes, (k,), generator=g)
-    shared = share_gradient(victims[0], stack_victims(victims), PrivateBatch(images, labels), num_classes)
+    shared = share_gradient(victims[0], stack_victims(victims)[0], PrivateBatch(images[:, None], labels[:, None]),
+                            num_classes)
     name, layer = output_layer(victims[0])
     assert name == "classifier" and layer.weight.shape == (num_classes, 768)
     weight_grad, bias_grad = shared.gradients[f"{name}.weight"], shared.gradients[f"{name}.bias"]

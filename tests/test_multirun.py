@@ -42,7 +42,7 @@ def test_optuna_config_composes():
         cfg = compose("config", overrides=["hparams_search=optuna_lbfgs"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert set(cfg.hydra.sweeper.params) == {"optimizer.lr", "optimizer.max_iter", "optimizer.history_size"}
-    assert cfg.optimized_metric == "idlg/fidelity/1e-03" and list(cfg.method) == ["idlg"]
+    assert cfg.optimized_metric == "idlg/fidelity/1e-03" and list(cfg.attack) == ["idlg"]
     assert cfg.optimizer._target_.endswith("BatchedLBFGS")
 
 

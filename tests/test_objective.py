@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightning_idlg.client import soft_cross_entropy, stack_victims
 from lightning_idlg import objective
-from lightning_idlg.objective import batched_distance, gradient_distance, rank_one_factors, split_head
+from lightning_idlg.objective import BatchedDistance, gradient_distance, rank_one_factors, split_head
 from lightning_idlg.victim import MLP, LeNet, make_victim
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -46,7 +46,7 @@ def _setup(dtype, model="lenet"):
     factory = LeNet if model == "lenet" else partial(MLP, hidden=(32, 16))
     victims = [make_victim(factory, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=40 + s).to(dtype)
                for s in range(K)]
-    weights = stack_victims(victims)
+    weights, _ = stack_victims(victims)
     g = torch.Generator().manual_seed(3)
     images = torch.rand(K, 3, SIDE, SIDE, generator=g).to(dtype)
     labels = torch.randint(CLASSES, (K,), generator=g)
@@ -82,10 +82,18 @@ def _close(a, b, rtol):
     return float((a - b).abs().max()) <= rtol * float(b.abs().max())
 
 
-# batched_distance's input_shape picks the route; "rank_one" also factors the head's target (prepare),
+# BatchedDistance's input_shape picks the route; "rank_one" also factors the head's target (prepare),
 # which float64 declines (the exact head term then)
 ROUTES = {"plain": None, "head_split": (3, SIDE, SIDE), "rank_one": (3, SIDE, SIDE),
           "head_split_blocks": (3, SIDE, SIDE)}
+
+
+def _one_sample(distance):
+    """D over clients of one sample: x' (K, C, H, W) and probabilities (K, classes) as batches of B = 1."""
+    def call(weights, targets, x, probs):
+        return distance(weights, targets, x[:, None], probs[:, None])
+    call.prepare = distance.prepare
+    return call
 
 
 def _route(route, victim, shared, monkeypatch):
@@ -93,7 +101,7 @@ def _route(route, victim, shared, monkeypatch):
     if route == "head_split_blocks":
         features = victim.classifier.in_features if hasattr(victim, "classifier") else 16
         monkeypatch.setitem(objective.BLOCK_ELEMENTS, "cpu", 2 * K * features)
-    distance = batched_distance(victim, ROUTES[route])
+    distance = _one_sample(BatchedDistance(victim, ROUTES[route]))
     targets = distance.prepare(shared) if route == "rank_one" else shared
     factored = any(name.endswith(":left") for name in targets)
     assert factored == (route == "rank_one" and next(iter(shared.values())).dtype != torch.float64)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_idlg.client import PrivateBatch, share_gradient, stack_victims
-from lightning_idlg.objective import batched_distance
+from lightning_idlg.objective import BatchedDistance
 from lightning_idlg.optim import BatchedAdam, BatchedLBFGS
 from lightning_idlg.victim import LeNet, make_victim
 
@@ -165,16 +165,16 @@ def test_lbfgs_k1_matches_torch_on_rosenbrock():
 def _tiny_idlg(seed: int):
     """The real iDLG objective on a tiny LeNet (1x8x8 input, 10 classes), paper init, one trial."""
     net = make_victim(LeNet, in_channels=1, image_size=8, num_classes=10, seed=seed).to(DT)
-    weights = stack_victims([net])
+    weights, _ = stack_victims([net])
     g = torch.Generator().manual_seed(100 + seed)
     image = torch.rand(1, 1, 8, 8, generator=g, dtype=DT)
     label = torch.randint(10, (1,), generator=g)
-    shared = share_gradient(net, weights, PrivateBatch(image, label), 10)
-    distance = batched_distance(net)
+    shared = share_gradient(net, weights, PrivateBatch(image[:, None], label[:, None]), 10)
+    distance = BatchedDistance(net)
     one_hot = F.one_hot(label, 10).to(DT)
 
     def objective(x):  # one trial's dummy (1, 8, 8) or (1, 1, 8, 8) -> D
-        return distance(weights, shared.gradients, x.reshape(1, 1, 8, 8), one_hot).sum()
+        return distance(weights, shared.gradients, x.reshape(1, 1, 1, 8, 8), one_hot[:, None]).sum()
 
     dummy = torch.randn(1, 1, 1, 8, 8, generator=g, dtype=DT)  # (K=1, 1, 1, 8, 8)
     return objective, dummy, image

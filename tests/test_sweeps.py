@@ -85,7 +85,7 @@ def test_sweep_composes_as_hydra_overrides(path, monkeypatch):
                 if key in ("dataset", "optimizer"):  # config groups: the choice took effect
                     assert cfg.hydra.runtime.choices[key] == value
                 elif key == "method":
-                    assert list(cfg.method) == [value], f"{path.name}: method={value} did not land"
+                    assert list(cfg.attack) == [value], f"{path.name}: method={value} did not land"
                 else:  # "null" is how a sweep spells None (Hydra's grammar; W&B would send the text None)
                     expected = None if value == "null" else value
                     assert _select(cfg, key) == expected, f"{path.name}: {key}={value} did not land"
