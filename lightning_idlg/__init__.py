@@ -11,3 +11,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+from lightning_idlg.api import Reconstruction, attack, show  # noqa: E402  (after OMP_WAIT_POLICY, see above)
+
+__all__ = ["Reconstruction", "attack", "show", "__version__"]

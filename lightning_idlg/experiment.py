@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lightning_idlg import metrics, tracking
-from lightning_idlg.attack import AttackResult, GradientInversion
+from lightning_idlg.inversion import AttackResult, GradientInversion
 from lightning_idlg.client import Client, PrivateBatch, share_one_network, stack_victims
 from lightning_idlg.defenses import Defense, compose
 from lightning_idlg.data import pick_trials
@@ -514,7 +514,7 @@ def record_axes(cfg: DictConfig) -> dict:
     init = cfg.model.get("init") or {}
     axes = {
         "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
-        "model": cfg.model.factory._target_.rsplit(".", 1)[-1],
+        "model": str(cfg.model.factory.get("target") or cfg.model.factory._target_).rsplit(".", 1)[-1],
         "model.init": str(init.get("_target_", "")).rsplit(".", 1)[-1],
         **{f"model.init.{k}": v for k, v in init.items() if k != "_target_"},
         **{f"model.factory.{k}": v for k, v in cfg.model.factory.items() if not k.startswith("_")},

@@ -70,6 +70,29 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def custom(target: str, *, in_channels: int, image_size: int, num_classes: int, **arguments) -> nn.Module:
+    """Your own victim (`model=custom model.factory.target=mypackage.MyNet`): the class or function at the
+    import path `target`, called with those of in_channels, image_size and num_classes that its signature
+    takes, plus `arguments` (`+model.factory.hidden=64`). The attack needs no more of it than an
+    nn.Module whose forward maps (N, C, H, W) inputs to (N, classes) logits."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        build = get_object(target)
+    except Exception:
+        raise ConfigError(f"model.factory.target={target!r} cannot be imported; give an import path such as "
+                          "mypackage.models.MyNet (on PYTHONPATH)") from None
+    accepted = inspect.signature(build).parameters
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    sizes = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+    model = build(**{k: v for k, v in sizes.items() if takes_all or k in accepted}, **arguments)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory.target={target!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
 class UniformInit:
     """The paper's victim: every weight and bias re-drawn from U(-scale, scale) (scale 0.5), a fresh network
     per trial (from the trial's seed)."""

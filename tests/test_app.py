@@ -17,8 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-import lightning_idlg.attack as attack_module
-from lightning_idlg.attack import GradientInversion
+import lightning_idlg.inversion as attack_module
+from lightning_idlg.inversion import GradientInversion
 from lightning_idlg.labels import LearnedLabel
 from lightning_idlg.optim import BatchedLBFGS
 from lightning_idlg.client import PrivateBatch, SharedGradient

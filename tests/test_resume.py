@@ -139,7 +139,7 @@ def test_nothing_of_a_finished_batch_stays_in_memory(tmp_path, monkeypatch):
     the next batch starts: memory does not grow with the number of trials."""
     import weakref
 
-    from lightning_idlg.attack import GradientInversion
+    from lightning_idlg.inversion import GradientInversion
 
     modules: list[weakref.ref] = []
     alive_at_batch_start: list[int] = []
