@@ -82,7 +82,7 @@ def test_sweep_composes_as_hydra_overrides(path, monkeypatch):
             assert cfg.hydra.run.dir == "outputs/sweeps/sweep1/run1"  # no two runs share a run dir
             assert cfg.logger._target_ == "lightning_idlg.tracking.WandbTracker"
             for key, value in ((k, v["value"]) for k, v in run.config.items()):
-                if key in ("dataset", "optimizer"):  # config groups: the choice took effect
+                if key in ("dataset", "optimizer", "defense"):  # config groups: the choice took effect
                     assert cfg.hydra.runtime.choices[key] == value
                 elif key == "method":
                     assert list(cfg.attack) == [value], f"{path.name}: method={value} did not land"
