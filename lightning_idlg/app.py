@@ -9,7 +9,7 @@ import warnings
 import hydra
 from hydra.errors import InstantiationException
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_idlg.experiment import ConfigError, run
 from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
@@ -33,7 +33,7 @@ def app(cfg: DictConfig) -> dict | float:
         if name and name not in metric_names(cfg.method):  # fail before the run, not after it
             raise ConfigError(f"optimized_metric={name!r} is not a metric of this run; valid: "
                               + ", ".join(metric_names(cfg.method)))
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        summary = run(cfg, HydraConfig.get().runtime.output_dir, hydra_files(cfg))
         return metric_value(summary, name) if name else summary
     except InstantiationException as err:
         # a loader's or model's own one-line message, not Hydra's wrapper around it
@@ -43,6 +43,17 @@ def app(cfg: DictConfig) -> dict | float:
         _fail(cause)
     except (ConfigError, FileNotFoundError, MetricNameError) as err:
         _fail(err)
+
+
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra writes into <run dir>/.hydra/ (config, hydra, overrides). `hydra.output_subdir` is null, so
+    Hydra itself writes nothing there before the app runs: a run refused by the run dir's lock or
+    fingerprint must not overwrite the files of the run that made its records. `experiment.run` writes
+    these once the dir is this run's."""
+    hydra_cfg = HydraConfig.get()
+    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+            ".hydra/hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
 def _fail(err: BaseException) -> None:
