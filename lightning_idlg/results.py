@@ -104,12 +104,11 @@ def read_records(path: str | Path) -> list[dict]:
     return records
 
 
-def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per method: trials, label_accuracy, fidelity at the five thresholds, status counts, medians; each
-    (method, index) counted once (`duplicate_lines_ignored`: the records beyond the first of a pair)."""
-    kept, _ = unique(records)
-    duplicates = Counter(r["method"] for r in records) - Counter(r["method"] for r in kept)
-    records = kept
+def summarize(records: list[dict], duplicates: Counter | None = None) -> dict[str, dict]:
+    """Per method: trials, label_accuracy, fidelity at the five thresholds, status counts, medians, and
+    `duplicate_lines_ignored` (from `duplicates`, per method). `records` are counted as given: records of
+    one run dir go through `unique` first (`write_summary`, the report), pooled runs may share indices."""
+    duplicates = duplicates or Counter()
     summary: dict[str, dict] = {}
     for method in sorted({r["method"] for r in records}):
         rows = [r for r in records if r["method"] == method]
@@ -134,7 +133,9 @@ def summarize(records: list[dict]) -> dict[str, dict]:
 
 
 def write_summary(run_dir: str | Path, records: list[dict]) -> dict[str, dict]:
-    summary = summarize(records)
+    """summary.json of one run dir's records: each (method, index) once, the duplicate lines counted."""
+    kept, _ = unique(records)
+    summary = summarize(kept, Counter(r["method"] for r in records) - Counter(r["method"] for r in kept))
     (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(finite_or_null(summary), indent=2, allow_nan=False) + "\n")
     return summary
 
