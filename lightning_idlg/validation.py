@@ -89,7 +89,6 @@ def _validate_device(cfg: DictConfig) -> None:
 def _validate_dataset(cfg: DictConfig) -> None:
     data = cfg.dataset
     if data.get("image_size") is not None:
-        positive(cfg, "dataset.image_size", integer=True)
         check_image_size("dataset.image_size", data.image_size)
     if "channels" in data:
         one_of("dataset.channels", data.channels, (1, 3))
@@ -97,9 +96,9 @@ def _validate_dataset(cfg: DictConfig) -> None:
         positive(cfg, "dataset.num_classes", integer=True)
 
 
-def check_image_size(what: str, size: int) -> None:
-    if size < MIN_IMAGE_SIZE:
-        raise ConfigError(f"{what}={size} is too small: images must be at least {MIN_IMAGE_SIZE}x"
+def check_image_size(what: str, size) -> None:
+    if not _integer(size) or size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"{what}={size!r} is not a valid image size: images must be at least {MIN_IMAGE_SIZE}x"
                           f"{MIN_IMAGE_SIZE} (SSIM's 11-pixel window); valid: an integer >= {MIN_IMAGE_SIZE}")
 
 

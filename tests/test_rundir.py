@@ -140,7 +140,7 @@ def test_resume_force_appends_and_says_so(tmp_path):
 def test_what_may_change_between_reruns(tmp_path):
     """More trials, another method, other threads/progress/K: resumed; the fingerprint ignores them."""
     experiment.run(cfg_of("trials=2", "method=idlg"), tmp_path)
-    experiment.run(cfg_of("trials=3", "method=both", "threads=2", "pictures=true", "trials_per_batch=1"), tmp_path)
+    experiment.run(cfg_of("trials=3", "method=both", "threads=2", "pictures=true"), tmp_path)
     assert Counter((r["method"], r["index"]) for r in read_records(tmp_path / "trials.jsonl")) == Counter(
         {(m, i): 1 for m in ("dlg", "idlg") for i in range(3)})
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["trials"] == 3  # now it describes all records
