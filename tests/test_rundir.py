@@ -213,3 +213,14 @@ def test_a_crafted_cifar_pickle_is_refused_without_running_its_payload(tmp_path)
                           f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))
     assert "posix.system" in line and "refused" in line and str(root / "cifar-100-python") in line, line
     assert not marker.exists()
+
+
+def test_a_run_dir_from_before_fingerprints_is_checked_against_its_config_yaml(tmp_path):
+    experiment.run(cfg_of("trials=2", "method=idlg"), tmp_path)
+    (tmp_path / "fingerprint.json").unlink()  # as a run of an earlier version left it: config.yaml alone
+    from lightning_idlg.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"steps: 2 -> 3"):
+        experiment.run(cfg_of("trials=2", "method=idlg", "steps=3"), tmp_path)
+    experiment.run(cfg_of("trials=3", "method=idlg"), tmp_path)  # the same settings: resumed
+    assert len(read_records(tmp_path / "trials.jsonl")) == 3
+    assert strict((tmp_path / "fingerprint.json").read_text())["methods"]["idlg"]["settings"]["dataset.size"] == 1797
