@@ -11,8 +11,11 @@ from hydra.errors import InstantiationException
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_idlg.experiment import ConfigError, run
-from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
+from lightning_idlg.errors import ConfigError
+from lightning_idlg.rundir import RunDirLock
+
+# torch, Lightning and the experiment are imported once the run dir's lock is taken (`_run`): a second run
+# into a busy dir stops in about a second instead of after ~5 s of imports
 
 
 def _quiet_lightning() -> None:
@@ -27,6 +30,17 @@ def _quiet_lightning() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://lightning_idlg.configs", config_name="config")
 def app(cfg: DictConfig) -> dict | float:
     """The summary; with `optimized_metric` set, that one number of it (what a Hydra sweeper optimizes)."""
+    try:
+        with RunDirLock(HydraConfig.get().runtime.output_dir):  # experiment.run takes it again (re-entrant)
+            return _run(cfg)
+    except ConfigError as err:  # the run dir is another run's
+        _fail(err)
+
+
+def _run(cfg: DictConfig) -> dict | float:
+    from lightning_idlg.experiment import run
+    from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
+
     _quiet_lightning()
     name = cfg.get("optimized_metric")
     try:

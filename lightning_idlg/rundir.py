@@ -53,14 +53,21 @@ RESUME_MODES = ("auto", "force")
 
 
 # -- lock ---------------------------------------------------------------------------------------------------
+_HELD: dict[Path, int] = {}  # lock file -> how many RunDirLock blocks of this process hold it (re-entrant)
+
+
 class RunDirLock:
-    """`with RunDirLock(run_dir):` the run dir is this process's until the block ends (or it dies)."""
+    """`with RunDirLock(run_dir):` the run dir is this process's until the block ends (or it dies).
+    Re-entrant within a process (the app takes it before its heavy imports, `experiment.run` again)."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = Path(run_dir).resolve() / LOCK_FILE
         self.fd: int | None = None
 
     def __enter__(self) -> "RunDirLock":
+        if _HELD.get(self.path):
+            _HELD[self.path] += 1
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -77,10 +84,13 @@ class RunDirLock:
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
         os.fsync(fd)
         self.fd = fd
+        _HELD[self.path] = 1
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
+        _HELD[self.path] -= 1
+        if self.fd is not None:  # the outermost block
+            _HELD.pop(self.path)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
