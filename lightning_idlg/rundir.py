@@ -199,11 +199,11 @@ def open_run_dir(cfg: DictConfig, run_dir: str | Path, dataset_size: int, record
                               "anyway with resume=force")
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         forced.append({"method": m, "fingerprint": ours, "at": when, "differs": diff, "settings": mine[m]})
-    covers = set(methods) >= recorded and cfg.trials >= int(book.get("trials", 0))
+    before = int(book.get("trials", 0)) if recorded else 0  # the most trials a config.yaml here described
+    covers = set(methods) >= recorded and cfg.trials >= before
     consistent = all(known[m]["fingerprint"] == stamp[m] for m in methods)
     write_config = not (run_dir / CONFIG_FILE).exists() or (consistent and covers and not forced)
-    book = {"methods": known, "current": stamp, "trials": max(int(cfg.trials), int(book.get("trials", 0))),
-            "excluded": list(EXCLUDE)}
+    book = {"methods": known, "current": stamp, "trials": max(int(cfg.trials), before), "excluded": list(EXCLUDE)}
     if forced:
         book["forced"] = forced
     _write_json(run_dir / FINGERPRINT_FILE, book)

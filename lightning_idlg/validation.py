@@ -145,9 +145,8 @@ def _validate_probabilities(node, prefix: str) -> None:
         if prefix == "" and key in ("hydra", "logger"):
             continue
         name = f"{prefix}{key}"
-        value = node._get_node(key)._value() if isinstance(node, DictConfig) else None
-        if isinstance(value, str) and "${" in value:
-            continue  # an interpolation: resolved where it is used
+        if OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue  # ??? or ${...}: resolved (and checked) where it is used
         value = node[key]
         if isinstance(value, DictConfig):
             _validate_probabilities(value, name + ".")
