@@ -9,10 +9,13 @@ import warnings
 import hydra
 from hydra.errors import InstantiationException
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from lightning_idlg.experiment import ConfigError, run
-from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
+from lightning_idlg.errors import ConfigError
+from lightning_idlg.rundir import RunDirLock
+
+# torch, Lightning and the experiment are imported once the run dir's lock is taken (`_run`): a second run
+# into a busy dir stops in about a second instead of after ~5 s of imports
 
 
 def _quiet_lightning() -> None:
@@ -27,13 +30,24 @@ def _quiet_lightning() -> None:
 @hydra.main(version_base="1.3", config_path="pkg://lightning_idlg.configs", config_name="config")
 def app(cfg: DictConfig) -> dict | float:
     """The summary; with `optimized_metric` set, that one number of it (what a Hydra sweeper optimizes)."""
+    try:
+        with RunDirLock(HydraConfig.get().runtime.output_dir):  # experiment.run takes it again (re-entrant)
+            return _run(cfg)
+    except ConfigError as err:  # the run dir is another run's
+        _fail(err)
+
+
+def _run(cfg: DictConfig) -> dict | float:
+    from lightning_idlg.experiment import run
+    from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
+
     _quiet_lightning()
     name = cfg.get("optimized_metric")
     try:
         if name and name not in metric_names(cfg.attack):  # fail before the run, not after it
             raise ConfigError(f"optimized_metric={name!r} is not a metric of this run; valid: "
                               + ", ".join(metric_names(cfg.attack)))
-        summary = run(cfg, HydraConfig.get().runtime.output_dir)
+        summary = run(cfg, HydraConfig.get().runtime.output_dir, hydra_files(cfg))
         return metric_value(summary, name) if name else summary
     except InstantiationException as err:
         # a loader's or model's own one-line message, not Hydra's wrapper around it
@@ -43,6 +57,17 @@ def app(cfg: DictConfig) -> dict | float:
         _fail(cause)
     except (ConfigError, FileNotFoundError, MetricNameError) as err:
         _fail(err)
+
+
+def hydra_files(cfg: DictConfig) -> dict[str, str]:
+    """What Hydra writes into <run dir>/.hydra/ (config, hydra, overrides). `hydra.output_subdir` is null, so
+    Hydra itself writes nothing there before the app runs: a run refused by the run dir's lock or
+    fingerprint must not overwrite the files of the run that made its records. `experiment.run` writes
+    these once the dir is this run's."""
+    hydra_cfg = HydraConfig.get()
+    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+            ".hydra/hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)})),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
 def _fail(err: BaseException) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets, transforms
+
+from lightning_idlg import safe_pickle
+from lightning_idlg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,28 @@ class TrialImages(Dataset):
                              f"set dataset.image_size to resize")
         return image.to(torch.float32), int(label)
 
+    def source(self, index: int) -> str:
+        """Where image `index` comes from: its file for image folders, else `<name> image <index>`."""
+        samples = getattr(self.dataset, "samples", None)
+        return str(samples[index][0]) if samples is not None else f"{self.name} image {index}"
+
+    def check(self, indices: Sequence[int]) -> None:
+        """Read (decode) each image of `indices` once, so a bad file fails now with its path, not when an
+        attack batch picks it, possibly hours into a run."""
+        for index in dict.fromkeys(indices):
+            try:
+                self[index]
+            except Exception as err:  # PIL's UnidentifiedImageError, OSError (truncated), our shape check...
+                cause = " ".join(str(err).split()) or type(err).__name__
+                raise DataError(f"{self.source(index)} cannot be used: {cause}; replace or remove the file "
+                                "(every picked image is checked before the first attack)") from None
+
     def __repr__(self) -> str:
         return f"TrialImages(name={self.name!r}, size={len(self)}, shape={self.shape}, num_classes={self.num_classes})"
+
+
+class DataError(ConfigError):
+    """A data file that cannot be read: one line with the file, what is wrong and how to fix it."""
 
 
 def missing(what: str, path: str | os.PathLike, looked_for: str, fix: str) -> FileNotFoundError:
@@ -104,31 +126,104 @@ def mnist(root: str, train: bool = False, download: bool = False) -> TrialImages
         split = "train" if train else "test"
         raise missing(f"MNIST {split} files", raw, " and ".join(files),
                       "set dataset.root=<folder holding MNIST/raw> or dataset.download=true")
+    if all((raw / f).is_file() for f in files):
+        check_idx(raw / files[0], raw / files[1])
     data = _MNISTSplit(str(root), train=train, download=download, transform=transforms.ToTensor())
     return TrialImages(data, 10, (1, 28, 28), "mnist")
 
 
+IDX_MAGIC = {2049: (1, "labels"), 2051: (3, "images")}  # unsigned-byte IDX files: dims 1 (labels), 3 (images)
+
+
+def _idx_count(path: Path, magic: int) -> int:
+    """The item count of an uncompressed unsigned-byte IDX file, after checking its header and size."""
+    dims, what = IDX_MAGIC[magic]
+    fix = "re-download it (dataset.download=true into an empty dataset.root) or unpack the .gz again"
+    size = path.stat().st_size
+    header = path.read_bytes()[:4 + 4 * dims] if size >= 4 else b""
+    found = int.from_bytes(header[:4], "big") if len(header) >= 4 else None
+    if found != magic:
+        raise DataError(f"{path} is not an MNIST {what} file (IDX magic number {found}, expected {magic}; "
+                        f"still gzipped?); {fix}")
+    if len(header) < 4 + 4 * dims:
+        raise DataError(f"{path} is truncated: {size} bytes, shorter than its {4 + 4 * dims}-byte header; {fix}")
+    shape = [int.from_bytes(header[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    expected = 4 + 4 * dims + int(torch.tensor(shape).prod())
+    if size != expected:
+        raise DataError(f"{path} is {'truncated' if size < expected else 'too long'}: {size} bytes, its header "
+                        f"({'x'.join(map(str, shape))} {what}) says {expected}; {fix}")
+    return shape[0]
+
+
+def check_idx(images: Path, labels: Path) -> None:
+    """One line naming the file for a truncated, gzipped or mismatched IDX pair (torchvision's reader would
+    fail with a bare reshape error)."""
+    n_images, n_labels = _idx_count(images, 2051), _idx_count(labels, 2049)
+    if n_images != n_labels:
+        raise DataError(f"{images} holds {n_images} images but {labels} holds {n_labels} labels; use files of "
+                        "the same split")
+
+
 # ---------------------------------------------------------------------------------------------- CIFAR-100
 
-class _CIFAR100Split(datasets.CIFAR100):
-    """torchvision's CIFAR100, but it only demands the pickle of the split it reads, without MD5.
+class _CIFARArrays(Dataset):
+    """CIFAR images (N, 32, 32, 3 uint8) and labels as (3x32x32 float tensor in [0, 1], label), as
+    torchvision's CIFAR100 with ToTensor gives them (kept as uint8 until asked: 4x less memory)."""
 
-    torchvision checks the MD5 of both splits and of `meta`, which refuses a folder with one split and any
-    re-packed subset; the file format is all that matters here. A present split file also makes
-    download=True a no-op, as in torchvision."""
+    def __init__(self, images, labels: list[int], classes: list[str]):
+        self.images, self.labels, self.classes = images, labels, classes
 
-    def _check_integrity(self) -> bool:
-        files = self.train_list if self.train else self.test_list
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in files)
+    def __len__(self) -> int:
+        return len(self.labels)
 
-    def _load_meta(self) -> None:
-        # Label names are only decoration (the labels come from the split file), so no MD5 and no error.
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        self.classes = []
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                self.classes = list(pickle.load(f, encoding="latin1").get(self.meta["key"], []))
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(255), self.labels[index]
+
+
+CIFAR_FIX = "re-download it (dataset.download=true into an empty dataset.root) or use the image-folder layout"
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    """A CIFAR pickle read by `safe_pickle` (never the full unpickler: a crafted file would run code)."""
+    try:
+        content = safe_pickle.load(path)
+    except safe_pickle.UnsafePickleError as err:
+        raise DataError(f"{path} refused: {err}; {CIFAR_FIX}") from None
+    except Exception as err:  # truncated (EOFError), garbage (UnpicklingError, ValueError, ...)
+        cause = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"{path} is not a readable CIFAR-100 pickle ({type(err).__name__}: {cause}; truncated "
+                        f"or not a pickle); {CIFAR_FIX}") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path} is not a CIFAR-100 pickle (it holds a {type(content).__name__}, not a dict); "
+                        f"{CIFAR_FIX}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in content.items()}
+
+
+def _read_cifar100(root: Path, split: str) -> _CIFARArrays:
+    import numpy as np
+
+    path = root / "cifar-100-python" / split
+    content = _load_cifar_pickle(path)
+    data, labels = content.get("data"), content.get("fine_labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path} has no CIFAR image array (its 'data' must be uint8 N x 3072, got {got}); {CIFAR_FIX}")
+    if not isinstance(labels, list) or len(labels) != len(data) or not all(
+            isinstance(label, int) and 0 <= label < 100 for label in labels):
+        raise DataError(f"{path} has no valid 'fine_labels' (a list of {len(data)} integers in 0..99); {CIFAR_FIX}")
+    classes = []  # label names are only decoration (the labels come from the split file)
+    meta = root / "cifar-100-python" / "meta"
+    if meta.is_file():
+        classes = [str(c) for c in _load_cifar_pickle(meta).get("fine_label_names", [])]
+    return _CIFARArrays(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels, classes)
+
+
+def _download_cifar100(root: Path) -> None:
+    """torchvision's archive (MD5-checked) unpacked into root, without torchvision's pickle loading."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    spec = datasets.CIFAR100
+    download_and_extract_archive(spec.url, str(root), filename=spec.filename, md5=spec.tgz_md5)
 
 
 def cifar100(root: str, train: bool = False, download: bool = False) -> TrialImages:
@@ -144,8 +239,9 @@ def cifar100(root: str, train: bool = False, download: bool = False) -> TrialIma
     pickled = Path(root) / "cifar-100-python" / split
     folder = Path(root) / split
     if pickled.is_file() or (download and not folder.is_dir()):
-        data = _CIFAR100Split(str(root), train=train, download=download, transform=transforms.ToTensor())
-        return TrialImages(data, 100, (3, 32, 32), "cifar100")
+        if not pickled.is_file():
+            _download_cifar100(Path(root))
+        return TrialImages(_read_cifar100(Path(root), split), 100, (3, 32, 32), "cifar100")
     if folder.is_dir():
         names_file = Path(root) / CIFAR100_NAMES
         names = _read_names(names_file) if names_file.is_file() else None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -34,6 +35,8 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.monitor import ReconstructionMonitor, StepProgress
 from lightning_idlg.pictures import save_progress_strip, save_trial_picture
 from lightning_idlg.results import TrialStore, read_records, write_summary
+from lightning_idlg.rundir import RunDirLock, open_run_dir
+from lightning_idlg.validation import check_image_size, validate_settings
 from lightning_idlg.victim import make_victim
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,25 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trials_per_batch must be 'auto' or a positive integer, got {k!r}")
     if not cfg.get("attack"):
         raise ConfigError("attack is empty; valid: attack=dlg, attack=idlg, attack=both (or method=...)")
+    validate_settings(cfg)  # every other setting, and the device, before any data is loaded
+    _build_parts(cfg)
+
+
+def _build_parts(cfg: DictConfig) -> None:
+    """Build every part once before any data is loaded, so a bad setting of the client, a defense, the
+    victim's init or an attack's parts fails in one line at once; label strategies check the client batch."""
+    nodes = [cfg.client, cfg.model.init, *(cfg.get("defense") or {}).values()]
+    for node in cfg.attack.values():
+        nodes += [node[part] for part in ("label_strategy", "stopping", "dummy", "objective") if node.get(part)]
+    for node in nodes:
+        try:
+            part = instantiate(node)
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ConfigError):
+                raise err.__cause__ from None
+            raise
+        if hasattr(part, "check") and hasattr(part, "learned"):  # a label strategy
+            part.check(int(cfg.client.batch_size))
 
 
 def attack_names(cfg: DictConfig) -> list[str]:
@@ -90,12 +112,14 @@ def _on_gpu(cfg: DictConfig) -> bool:
         cfg.trainer.get("accelerator") == "auto" and torch.cuda.is_available())
 
 
-def trials_per_batch(cfg: DictConfig, pending: int, world: int = 1) -> int:
-    """K; `auto`: the device's constant, but no more than an even share of the pending trials per rank."""
+def trials_per_batch(cfg: DictConfig, planned: int, world: int = 1) -> int:
+    """K; `auto`: the device's constant, but no more than an even share of the planned trials per rank.
+    Of the planned trials, not the pending ones: the group a trial runs in must not depend on what a
+    resumed run has left to do (see `plan_batches`)."""
     if cfg.trials_per_batch != "auto":
         return int(cfg.trials_per_batch)
     base = GPU_TRIALS_PER_BATCH if _on_gpu(cfg) else CPU_TRIALS_PER_BATCH
-    return max(1, min(math.ceil(pending / world), base))
+    return max(1, min(math.ceil(planned / world), base))
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -137,31 +161,46 @@ def plan_trials(cfg: DictConfig, dataset_size: int) -> list[Trial]:
             for i in range(cfg.trials)]
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, dict]:
-    """Run the experiment `cfg` into `run_dir` (resuming what is there); returns the summary."""
+def plan_batches(trials: list[Trial], k: int, done: set[tuple[str, int]], methods: list[str]) -> list[list[Trial]]:
+    """The attack batches: fixed chunks of K planned trials, those with any (method, index) not recorded.
+
+    A chunk with a pending trial runs whole (only its pending records are appended), so a trial always
+    runs beside the same trials as in an uninterrupted run and its record is that run's, bit for bit: the
+    objective's summation order depends on K (objective._HeadDistance), so a resumed trial re-batched
+    with whatever else was pending differed (MSE 6.33678 vs 6.33802, 42 vs 40 evaluations)."""
+    chunks = [trials[start:start + k] for start in range(0, len(trials), k)]
+    return [c for c in chunks if any((m, t.index) not in done for t in c for m in methods)]
+
+
+def run(cfg: DictConfig, run_dir: str | Path, files: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run the experiment `cfg` into `run_dir` (resuming what is there); returns the summary. `files`: path
+    (relative to run_dir) -> text, written once the dir is this run's (the app's .hydra/ files)."""
     validate(cfg)
     world = world_size(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    dataset = instantiate(cfg.dataset)
-    methods = attack_names(cfg)
-    done = recorded(run_dir)  # also what an interrupted multi-rank run left in its rank files
-    trials = plan_trials(cfg, len(dataset))
-    pending = [t for t in trials if any((m, t.index) not in done for m in methods)]
-    if len(pending) < len(trials):
-        per_method = ", ".join(f"{m} {sum((m, t.index) in done for t in trials)}" for m in methods)
-        log.info("resuming: %s of %d trials already recorded in %s", per_method, len(trials), run_dir / TRIALS_FILE)
-    k = trials_per_batch(cfg, len(pending), world)
-    batches = [pending[start:start + k] for start in range(0, len(pending), k)]
-    (run_dir / "pictures").mkdir(exist_ok=True)
-    ranks = min(world, len(batches))  # no idle ranks; nothing (left) to do: no processes to start
-    if ranks <= 1:
-        return attack_and_record(cfg, run_dir, dataset, batches, done)
-    return launch_ranks(cfg, run_dir, batches, done, ranks)
+    with RunDirLock(run_dir):  # one run per dir; ranks of this run never take it (they run inside it)
+        dataset = instantiate(cfg.dataset)
+        check_image_size("the data set's image size", min(dataset.shape[1:]))
+        methods = attack_names(cfg)
+        done = recorded(run_dir)  # also what an interrupted multi-rank run left in its rank files
+        # refuses a config other than the one the records were made with; then config.yaml, fingerprint.json
+        open_run_dir(cfg, run_dir, len(dataset), {m for m, _ in done}, files)
+        trials = plan_trials(cfg, len(dataset))
+        pending = [t for t in trials if any((m, t.index) not in done for m in methods)]
+        if len(pending) < len(trials):
+            per_method = ", ".join(f"{m} {sum((m, t.index) in done for t in trials)}" for m in methods)
+            log.info("resuming: %s of %d trials already recorded in %s", per_method, len(trials),
+                     run_dir / TRIALS_FILE)
+        batches = plan_batches(trials, trials_per_batch(cfg, len(trials), world), done, methods)
+        # every image an attack will read, decoded once now: a bad file fails in seconds, not hours in
+        dataset.check([i for batch in batches for t in batch for i in t.images])
+        (run_dir / "pictures").mkdir(exist_ok=True)
+        ranks = min(world, len(batches))  # no idle ranks; nothing (left) to do: no processes to start
+        if ranks <= 1:
+            return attack_and_record(cfg, run_dir, dataset, batches, done)
+        return launch_ranks(cfg, run_dir, batches, done, ranks)
 
 
 def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[Trial]],

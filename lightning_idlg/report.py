@@ -43,7 +43,7 @@ from matplotlib.image import imread
 
 from lightning_idlg import paper
 from lightning_idlg.metrics import FIDELITY_THRESHOLDS, median
-from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summarize
+from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summarize, unique
 
 METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
 METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
@@ -67,6 +67,7 @@ class Run:
     records: list[dict]
     config: dict = field(default_factory=dict)        # config.yaml (resolved), {} if absent
     overrides: list[str] | None = None                # .hydra/overrides.yaml, None if absent
+    duplicates: int = 0                               # lines repeating a (method, index) of this run: ignored
 
     @property
     def command(self) -> str:
@@ -137,12 +138,12 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 def _load_run(run_dir: Path) -> Run:
     config = _read_yaml(run_dir / "config.yaml") or {}
     overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
-    records = read_records(run_dir / TRIALS_FILE)
+    records, duplicates = unique(read_records(run_dir / TRIALS_FILE))  # each (method, index) of a run once
     fallback = str((config.get("dataset") or {}).get("_target_", "unknown")).rsplit(".", 1)[-1]
     for record in records:
         record.setdefault("dataset", fallback)
     return Run(run_dir, records, config if isinstance(config, dict) else {},
-               [str(o) for o in overrides] if isinstance(overrides, list) else None)
+               [str(o) for o in overrides] if isinstance(overrides, list) else None, duplicates)
 
 
 def _read_yaml(path: Path):
@@ -552,6 +553,11 @@ def notes(runs: list[Run], groups) -> list[str]:
         found.append("Improved rows come from runs with a line search, restarts or patience (the "
                      "`experiment=paper_*_improved` presets): not the paper's protocol. The paper's numbers beside "
                      "them are for comparison; a same-seed paper-protocol run is the like-for-like baseline.")
+    for run in runs:
+        if run.duplicates:
+            found.append(f"`{run.path}`: {run.duplicates} line(s) of its trials.jsonl repeat a (method, trial "
+                         "index) of the same run (e.g. two runs once wrote into it at the same time); each "
+                         "trial is counted once, from its first line.")
     for (dataset, variant), by_method in groups.items():
         label = _row_label(dataset, variant)
         for m, g in by_method.items():

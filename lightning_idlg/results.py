@@ -3,29 +3,46 @@
 `trials.jsonl` is appended and flushed as each batch of trials finishes, so a crash loses no finished
 trial, and a rerun into the same directory skips the (method, index) pairs already there (resume).
 `summary.json` is recomputed from all records, so it always describes exactly the trials on disk.
+
+Records are unique by (method, index) when read (`unique`: the first line of a pair counts), whatever the
+file holds, and the summary says how many duplicate lines it ignored (`duplicate_lines_ignored`). Every
+record carries the fingerprint of the settings that made it (`rundir`), stamped here as it is appended.
+
+Strict JSON only (`allow_nan=False`), so JavaScript's JSON.parse and dashboards read every file: in
+trials.jsonl a non-finite float is the string "NaN", "Infinity" or "-Infinity" (lossless: `float()` reads
+it back, and `read_records` does); in summary.json it is null ("no number": e.g. steps_to_converge when no
+trial converged).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 from lightning_idlg.metrics import fidelity, median
+from lightning_idlg.rundir import current_stamp
 
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"
 STATUSES = ("converged", "not_converged", "diverged")
+NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 class TrialStore:
-    """Append-only per-trial records in `<run_dir>/trials.jsonl`."""
+    """Append-only per-trial records in `<run_dir>/trials.jsonl`. `records()`: every line (`summarize` and
+    `done` count each (method, index) once).
 
-    def __init__(self, run_dir: str | Path):
+    `stamp`: method -> fingerprint merged into each appended record as `fingerprint`; None: the run dir's
+    current one (fingerprint.json, written by `rundir.open_run_dir` before any record)."""
+
+    def __init__(self, run_dir: str | Path, stamp: dict[str, str] | None = None):
         self.path = Path(run_dir) / TRIALS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stamp = current_stamp(run_dir) if stamp is None else stamp
 
     def records(self) -> list[dict]:
         return read_records(self.path)
@@ -35,29 +52,63 @@ class TrialStore:
         return {(r["method"], int(r["index"])) for r in self.records()}
 
     def append(self, records: Iterable[dict]) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in records)
+        lines = "".join(dumps(self._stamped(r)) + "\n" for r in records)
         with open(self.path, "a") as f:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
 
 
+    def _stamped(self, record: dict) -> dict:
+        if "fingerprint" in record or record.get("method") not in self.stamp:
+            return record  # merged from a rank file: stamped by its rank already
+        return {**record, "fingerprint": self.stamp[record["method"]]}
+
+
+def dumps(record: dict) -> str:
+    """One strict-JSON line: non-finite floats as "NaN" / "Infinity" / "-Infinity"."""
+    return json.dumps({k: _spelled(v) for k, v in record.items()}, allow_nan=False)
+
+
+def _spelled(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def unique(records: list[dict]) -> tuple[list[dict], int]:
+    """The first record of each (method, index), in file order, and how many later duplicates were dropped."""
+    seen, out = set(), []
+    for record in records:
+        key = (record.get("method"), int(record.get("index", -1)))
+        if key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out, len(records) - len(out)
+
+
 def read_records(path: str | Path) -> list[dict]:
-    """Records of a trials.jsonl; a line cut short by a crash mid-write is skipped."""
+    """Every record line of a trials.jsonl (duplicates too: see `unique`); a line cut short by a crash
+    mid-write is skipped. "NaN" / "Infinity" / "-Infinity" (and bare NaN of older files) come back as floats."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append({k: NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
     return records
 
 
-def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per method: trials, label_accuracy, fidelity at the five thresholds, status counts, medians."""
+def summarize(records: list[dict], duplicates: Counter | None = None) -> dict[str, dict]:
+    """Per method: trials, label_accuracy, fidelity at the five thresholds, status counts, medians, and
+    `duplicate_lines_ignored` (from `duplicates`, per method). `records` are counted as given: records of
+    one run dir go through `unique` first (`write_summary`, the report), pooled runs may share indices."""
+    duplicates = duplicates or Counter()
     summary: dict[str, dict] = {}
     for method in sorted({r["method"] for r in records}):
         rows = [r for r in records if r["method"] == method]
@@ -76,11 +127,25 @@ def summarize(records: list[dict]) -> dict[str, dict]:
             "seconds": sum(float(r["seconds"]) for r in rows),
             "evaluations": sum(int(r.get("evaluations", 0)) for r in rows),
             "restarts": sum(int(r.get("restarts", 0)) for r in rows),  # records from before restarts: 0
+            "duplicate_lines_ignored": duplicates.get(method, 0),
         }
     return summary
 
 
 def write_summary(run_dir: str | Path, records: list[dict]) -> dict[str, dict]:
-    summary = summarize(records)
-    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    """summary.json of one run dir's records: each (method, index) once, the duplicate lines counted."""
+    kept, _ = unique(records)
+    summary = summarize(kept, Counter(r["method"] for r in records) - Counter(r["method"] for r in kept))
+    (Path(run_dir) / SUMMARY_FILE).write_text(json.dumps(finite_or_null(summary), indent=2, allow_nan=False) + "\n")
     return summary
+
+
+def finite_or_null(value):
+    """`value` with every non-finite float replaced by None (JSON null), for strict JSON outputs."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -175,10 +175,12 @@ def log_run_results(logger: Logger | None, records: list[dict], summary: dict[st
         return
     import wandb
 
+    from lightning_idlg.results import unique
+
     run = logger.experiment
     run.summary.update(flat)
     rows = [[r["method"], r["index"], r["label"], r["predicted_label"], _number(r["mse"]), _number(r["psnr"]),
-             _number(r["ssim"]), r["status"], r["steps"]] for r in records]
+             _number(r["ssim"]), r["status"], r["steps"]] for r in unique(records)[0]]
     run.log({"trials": wandb.Table(columns=list(TABLE_COLUMNS), data=rows)})
     run.finish()
 

@@ -198,8 +198,8 @@ def test_multirun_jobs_are_pooled_and_grouped(tmp_path, monkeypatch):
 
 
 def test_subset_datasets_get_a_provenance_note(tmp_path):
-    run = write_run(tmp_path / "run", [record(m, 0, 1e-6, dataset=d) for d in ("cifar100", "lfw")
-                                       for m in ("dlg", "idlg")])
+    run = write_run(tmp_path / "run", [record(m, i, 1e-6, dataset=d) for i, d in enumerate(("cifar100", "lfw"))
+                                       for m in ("dlg", "idlg")])  # one run: each (method, index) once
     text = write_report([run], tmp_path / "out").read_text()
     notes = text.split("## Notes")[1]
     assert "CIFAR-100 / LFW" in notes and "not the paper's samples" in notes

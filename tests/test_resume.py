@@ -49,12 +49,14 @@ def keys(run_dir: Path) -> list[tuple[str, int]]:
 
 
 def test_rerun_with_more_trials_computes_only_the_new_ones(tmp_path, attacks):
-    experiment.run(cfg_of("method=idlg", "trials=4"), tmp_path)
+    # K fixed: the groups are chunks of the plan ([0, 1], [2, 3], [4, 5]); with auto, K = trials (<= 32) and the
+    # rerun would run its one group [0..5] whole, appending only trials 4 and 5
+    experiment.run(cfg_of("method=idlg", "trials=4", "trials_per_batch=2"), tmp_path)
     first = lines(tmp_path)
     assert len(first) == 4 and attacks["idlg"] == 4
 
     attacks.clear()
-    summary = experiment.run(cfg_of("method=idlg", "trials=6"), tmp_path)
+    summary = experiment.run(cfg_of("method=idlg", "trials=6", "trials_per_batch=2"), tmp_path)
     assert attacks["idlg"] == 2  # trials 4 and 5 only
     after = lines(tmp_path)
     assert after[:4] == first  # the first 4 records are untouched, byte for byte
@@ -63,7 +65,7 @@ def test_rerun_with_more_trials_computes_only_the_new_ones(tmp_path, attacks):
     assert json.loads((tmp_path / "summary.json").read_text())["idlg"]["trials"] == 6
 
     attacks.clear()
-    experiment.run(cfg_of("method=idlg", "trials=6"), tmp_path)
+    experiment.run(cfg_of("method=idlg", "trials=6", "trials_per_batch=2"), tmp_path)
     assert attacks["idlg"] == 0 and lines(tmp_path) == after  # same trials: nothing computed, nothing written
 
 
@@ -84,7 +86,8 @@ def test_a_torn_last_line_is_skipped_and_swallows_no_new_record(tmp_path, attack
 
     attacks.clear()
     experiment.run(cfg_of("method=idlg", "trials=3"), tmp_path)
-    assert attacks["idlg"] == 1  # trial 2 again, and it lands on a line of its own
+    assert attacks["idlg"] == 3  # trial 2's group (K = 3: [0, 1, 2]) runs whole, as in the uninterrupted run
+    assert len(read_records(tmp_path / "trials.jsonl")) == 3  # ... but only trial 2 is appended
     assert sorted(keys(tmp_path)) == [("idlg", i) for i in range(3)]
     assert lines(tmp_path)[:2] == whole[:2]
 
@@ -99,7 +102,7 @@ def test_resume_reads_the_rank_files_of_an_interrupted_multi_rank_run(tmp_path, 
 
     attacks.clear()
     experiment.run(cfg_of("method=idlg", "trials=6"), tmp_path)
-    assert attacks["idlg"] == 3  # trials 3 (torn), 4 and 5
+    assert attacks["idlg"] == 6  # trials 3 (torn), 4 and 5, in their group of the plan: [0..5] (K = 6)
     assert Counter(keys(tmp_path)) == Counter({("idlg", i): 1 for i in range(6)})
     assert not list(tmp_path.glob("trials.rank*.jsonl"))  # merged and removed
 
