@@ -56,6 +56,11 @@ def one_of(key: str, value, valid) -> None:
 
 def validate_settings(cfg: DictConfig) -> None:
     """The run-wide settings, the model, the methods, the optimizer, the data set's sizes and the device."""
+    missing = _missing(cfg)
+    if "model.init.path" in missing:
+        raise ConfigError("model/init=checkpoint needs model.init.path=<file saved with torch.save(model.state_dict())>")
+    if missing:
+        raise ConfigError(f"{missing[0]} has no value (???); set {missing[0]}=...")
     one_of("resume", cfg.get("resume", "auto"), RESUME_MODES)
     positive(cfg, "tolerance", what=" (a trial stops once its gradient distance D < tolerance)")
     positive(cfg, "patience", integer=True, optional=True)
@@ -115,8 +120,7 @@ def _validate_model(cfg: DictConfig) -> None:
     init = cfg.model.get("init") or {}
     if "scale" in init:
         positive(cfg, "model.init.scale")
-    if "path" in init and OmegaConf.is_missing(init, "path"):
-        raise ConfigError("model/init=checkpoint needs model.init.path=<file saved with torch.save(model.state_dict())>")
+
 
 
 def _validate_optimizer(cfg: DictConfig) -> None:
@@ -153,3 +157,16 @@ def _validate_probabilities(node, prefix: str) -> None:
         elif any(word in str(key).lower() for word in PROBABILITY_WORDS) and value is not None:
             if not (_number(value) and 0 <= value <= 1):
                 raise ConfigError(f"{name} is a probability: it must be a number in [0, 1], got {value!r}")
+
+
+def _missing(node, prefix: str = "") -> list[str]:
+    """The dotted keys below `node` that hold no value yet (`???`), without resolving anything."""
+    missing = []
+    for key in node.keys():
+        if key == "hydra":
+            continue
+        if OmegaConf.is_missing(node, key):
+            missing.append(f"{prefix}{key}")
+        elif isinstance(node._get_node(key), DictConfig):
+            missing += _missing(node._get_node(key), f"{prefix}{key}.")
+    return missing

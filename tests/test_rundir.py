@@ -133,7 +133,7 @@ def test_resume_force_appends_and_says_so(tmp_path):
     book = strict((tmp_path / "fingerprint.json").read_text())
     assert [r["fingerprint"] for r in records] == [book["methods"]["idlg"]["fingerprint"]] * 2 + [
         book["forced"][0]["fingerprint"]]
-    assert book["forced"][0]["differs"] == ["steps: 2 -> 3"]
+    assert book["forced"][0]["differs"] == ["attack.idlg.stopping.steps: 2 -> 3", "steps: 2 -> 3"]
     assert (tmp_path / "config.yaml").read_text() == config  # the config of the first records, not steps=3
 
 
@@ -146,8 +146,8 @@ def test_what_may_change_between_reruns(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["trials"] == 3  # now it describes all records
     flat = settings(cfg_of(), "idlg", 1797)
     assert not any(k == e or k.startswith(e + ".") for k in flat for e in EXCLUDE)
-    assert {"steps", "seed", "tolerance", "optimizer.lr", "model.factory.activation", "method.idlg.label_rule",
-            "dataset._target_", "dataset.size"} <= set(flat) and not any(k.startswith("method.dlg") for k in flat)
+    assert {"steps", "seed", "tolerance", "optimizer.lr", "model.factory.activation", "attack.idlg.label_strategy.rule",
+            "dataset._target_", "dataset.size"} <= set(flat) and not any(k.startswith("attack.dlg") for k in flat)
 
 
 # -- strict JSON --------------------------------------------------------------------------------------------
