@@ -202,7 +202,7 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
         log.info("Not the paper protocol: %s differ%s.", ", ".join(k.rsplit(".", 1)[-1] for k in differences),
                  "s" if len(differences) == 1 else "")
         log.info("Paper: lightning-idlg experiment=paper_mnist dataset.root=/path/to/mnist")
-    log.info("outputs: %s (trials.jsonl, summary.json, pictures/, the log)", run_dir)
+    log.info("outputs: %s", run_dir)  # trials.jsonl, summary.json, pictures/, the log (outputs/README.md)
     return summary
 
 
@@ -514,8 +514,8 @@ def save_pictures(cfg: DictConfig, run_dir: Path, batch: list[Trial], private: P
 
 
 SUMMARY_COLUMNS = ("method", "trials", "label", "<1e-2", "<1e-3", "<1e-4", "conv", "div", "PSNR", "SSIM", "steps")
-SUMMARY_NOTE = ("label: label accuracy; <t: share of trials with MSE < t; conv / div: converged / diverged "
-                "trials; PSNR, SSIM: medians; steps: median steps to converge")
+SUMMARY_NOTE = ("label: label accuracy; <t: share of trials with MSE < t",
+                "conv, div: trials converged, diverged; PSNR, SSIM, steps to converge: medians")
 SUMMARY_TITLE = "lightning_idlg summary"
 file_log = logging.getLogger("lightning_idlg.logfile")  # the run's log file only (configs/hydra/job_logging)
 
@@ -536,8 +536,7 @@ def summary_text(summary: dict[str, dict]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
-    note = SUMMARY_NOTE.split("; ")
-    return "\n".join([SUMMARY_TITLE, *lines, *(["; ".join(note[:2]) + ";", "; ".join(note[2:])])])
+    return "\n".join([SUMMARY_TITLE, *lines, *SUMMARY_NOTE])
 
 
 def print_summary(summary: dict[str, dict], console: Console) -> None:
@@ -549,8 +548,9 @@ def print_summary(summary: dict[str, dict], console: Console) -> None:
         console.file.write(text + "\n")
         console.file.flush()
         return
-    table = Table(title=SUMMARY_TITLE, caption=SUMMARY_NOTE, box=box.SIMPLE_HEAD, padding=(0, 1),
-                  title_justify="left", caption_justify="left")
+    table = Table(title=SUMMARY_TITLE, caption="\n".join(SUMMARY_NOTE), box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False, show_edge=False, title_justify="left",
+                  caption_justify="left")  # 74 columns for 1,000 trials
     for column in SUMMARY_COLUMNS:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for row in summary_rows(summary):
