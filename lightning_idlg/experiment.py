@@ -515,7 +515,7 @@ def save_pictures(cfg: DictConfig, run_dir: Path, batch: list[Trial], private: P
 
 SUMMARY_COLUMNS = ("method", "trials", "label", "<1e-2", "<1e-3", "<1e-4", "conv", "div", "PSNR", "SSIM", "steps")
 SUMMARY_NOTE = ("label: label accuracy; <t: share of trials with MSE < t",
-                "conv, div: trials converged, diverged; PSNR, SSIM, steps to converge: medians")
+                "conv, div: converged, diverged; PSNR, SSIM, steps (to converge): medians")
 SUMMARY_TITLE = "lightning_idlg summary"
 file_log = logging.getLogger("lightning_idlg.logfile")  # the run's log file only (configs/hydra/job_logging)
 
