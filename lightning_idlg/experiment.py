@@ -228,11 +228,13 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
                 if not todo:
                     continue
                 rows = [row for row, t in enumerate(batch) if (method, t.index) not in done]
-                watch = AttackProgress(progress, tasks[method], steps_task, cfg.steps, rows, counts[method],
-                                       converged[method])
+                # callbacks made in the call: Lightning binds the module's `log` to each callback, so one kept
+                # in a variable here would keep this batch's module (and its L-BFGS history) alive
                 result, used = attack_batch(cfg, method, shared, batch, logger, step_offset,
                                             [ReconstructionMonitor(private.images, step_offset,
-                                                                   trial_indices=private.indices), watch],
+                                                                   trial_indices=private.indices),
+                                             AttackProgress(progress, tasks[method], steps_task, cfg.steps, rows,
+                                                            counts[method], converged[method])],
                                             trainer_args)
                 step_offset += used
                 results[method] = result
