@@ -183,7 +183,7 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     gc.freeze()
     try:
         step_offset = _attack_batches(cfg, run_dir, dataset, batches, done, store, methods, logger,
-                                      trainer_args, world, Progress(*columns, console=console, disable=not show))
+                                      trainer_args, world, Progress(*columns, console=console, disable=not show), rank)
     finally:
         gc.unfreeze()
     if logger is not None:
@@ -207,7 +207,8 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
 
 
 def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[Trial]], done, store: TrialStore,
-                    methods: list[str], logger, trainer_args: dict, world: int, progress: Progress) -> int:
+                    methods: list[str], logger, trainer_args: dict, world: int, progress: Progress,
+                    rank: int = 0) -> int:
     """The batch loop of `attack_and_record`; returns the logger's step offset (steps logged)."""
     step_offset = 0
     with progress:
@@ -243,9 +244,10 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
                 counts[method] += len(todo)
                 converged[method] += statuses.count("converged")
                 progress.update(tasks[method], completed=counts[method], info=f"{converged[method]} converged")
-                log.info("%s: trials %d-%d done (%d converged, %d not converged, %d diverged) in %.1f s", method,
-                         todo[0].index, todo[-1].index, statuses.count("converged"), statuses.count("not_converged"),
-                         statuses.count("diverged"), result.seconds)
+                log.info("%s%s: trials %d-%d done (%d converged, %d not converged, %d diverged) in %.1f s",
+                         f"rank {rank}: " if world > 1 else "", method, todo[0].index, todo[-1].index,
+                         statuses.count("converged"), statuses.count("not_converged"), statuses.count("diverged"),
+                         result.seconds)
             save_pictures(cfg, run_dir, batch, private, results)
             del private, shared, results  # on disk now: nothing of a finished batch outlives it
             gc.collect()  # see attack_and_record
