@@ -66,7 +66,8 @@ class AttackProgress(pl.Callback):
       recorded for this method);
     - `steps_task`: the batch's optimizer step out of `steps` (out of the trainer's `max_steps` once a
       restarted trial runs past `steps`), its clock restarted for every batch, the median distance D of
-      the active trials (of all, once none is active) in `info`."""
+      the active trials (of all, once none is active) in `info`; a batch that ends early (every trial
+      stopped) ends its bar at that step, with no ETA left over."""
 
     def __init__(self, progress, method_task, steps_task, steps: int, rows: list[int], done: int = 0,
                  converged: int = 0):
@@ -87,3 +88,7 @@ class AttackProgress(pl.Callback):
                              else trainer.max_steps, info=f"median D {float(distance.median()):.1e}")
         self.progress.update(self.method_task, completed=self.done + int(finished.sum()),
                              info=f"{self.converged + int(converged.sum())} converged, {int((~finished).sum())} active")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # every trial stopped (often long before `steps`): the batch ends here, with nothing left to wait for
+        self.progress.update(self.steps_task, total=max(trainer.global_step, 1), completed=trainer.global_step)

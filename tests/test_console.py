@@ -84,3 +84,5 @@ def test_progress_counts_move_with_the_attack_state():
     assert steps.fields["info"] == "median D 8.0e-03"     # rows 2, 3, 4 active: 4e-3, 8e-3, 1.0
     watch.on_train_batch_end(SimpleNamespace(global_step=150, max_steps=300), module, None, None, 149)
     assert progress.tasks[1].total == 300                  # a restarted trial runs past `steps`
+    watch.on_train_end(SimpleNamespace(global_step=160), module)
+    assert (progress.tasks[1].completed, progress.tasks[1].total) == (160, 160)   # ended early: no ETA left
