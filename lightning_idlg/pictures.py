@@ -174,9 +174,10 @@ def progress_canvas(index: int, image_index: int, label: int, outcomes: list[Out
         shown = progress_snapshots(o)
         rows.append([snap for _, snap in shown])
         tile_labels.append([f"step {step}" for step, _ in shown])
-        row_labels.append(f"{o.name}\n{o.status.replace('_', ' ')}\nat step {o.steps}\nMSE {_sci(o.mse)}")
+        when = "at" if o.status == "converged" else "stopped at"
+        row_labels.append(f"{o.name}\n{o.status.replace('_', ' ')}\n{when} step {o.steps}\nMSE {_sci(o.mse)}")
     return labelled_grid(rows, row_labels, tile_labels, f"trial {index} (image {image_index}, label {label}): "
-                         "reconstruction from the random start (step 0) to the last step")
+                         "reconstruction from the random start (step 0) to the step it stopped at")
 
 
 def save_trial_picture(path: Path, index: int, image_index: int, label: int, truth: torch.Tensor,
