@@ -18,10 +18,29 @@ from lightning_idlg.rundir import RunDirLock
 # into a busy dir stops in about a second instead of after ~5 s of imports
 
 
+class StdoutHandler(logging.StreamHandler):
+    """The console handler of the run's logging (configs/hydra/job_logging): writes to `sys.stdout` as it
+    is when a message comes, not as it was when logging was set up. While rich draws the progress bars on
+    a terminal, sys.stdout is rich's proxy, which prints the line above the bars instead of through them."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the property above always wins
+        pass
+
+
 def _quiet_lightning() -> None:
     # one Trainer per attack batch: Lightning's per-fit banners would drown the progress bar
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # the attack logs its curves itself (monitor.py), at every step: Lightning's log_every_n_steps has no say
+    warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*litlogger.*")

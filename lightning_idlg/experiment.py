@@ -1,6 +1,6 @@
 """One experiment: pick trials, run the client and the attacks batch by batch, evaluate, record.
 
-Data flows one way: data set -> victims + private batch -> client's `share_gradient` -> attack
+Data flows one way: data set -> victims + private batch -> client (`Client.share`, its defense included) -> attack
 (`GradientInversion`, sees only the `SharedGradient`) -> metrics against the private batch -> records.
 """
 
@@ -23,17 +23,19 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import box
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
-from lightning_idlg import metrics, tracking
+from lightning_idlg import metrics, paper, tracking
 from lightning_idlg.inversion import AttackResult, GradientInversion
 from lightning_idlg.client import Client, PrivateBatch, share_one_network, stack_victims
 from lightning_idlg.defenses import Defense, compose
 from lightning_idlg.data import pick_trials
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.monitor import ReconstructionMonitor, StepProgress
-from lightning_idlg.pictures import save_progress_strip, save_trial_picture
+from lightning_idlg.monitor import AttackProgress, ReconstructionMonitor
+from lightning_idlg.pictures import Outcome, save_progress_strip, save_trial_picture
 from lightning_idlg.results import TrialStore, read_records, write_summary
 from lightning_idlg.rundir import RunDirLock, open_run_dir
 from lightning_idlg.validation import check_image_size, validate_settings
@@ -215,8 +217,11 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     # curves and panels come from one logger: rank 0's (its own batches); the others log nothing
     logger = instantiate(cfg.logger) if cfg.get("logger") and rank == 0 else None
     trainer_args = single_device_args(cfg, device)
+    if rank == 0:
+        log.info("run dir: %s", run_dir)
     console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     show = cfg.get("progress_bar", True) and rank == 0
     # Memory stays flat in the number of trials only if each batch is freed before the next: its Trainer and
     # attack module reference each other, so their tensors (the K trials' L-BFGS history alone is
@@ -227,7 +232,7 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     gc.freeze()
     try:
         step_offset = _attack_batches(cfg, run_dir, dataset, batches, done, store, methods, logger,
-                                      trainer_args, world, Progress(*columns, console=console, disable=not show))
+                                      trainer_args, world, Progress(*columns, console=console, disable=not show), rank)
     finally:
         gc.unfreeze()
     if logger is not None:
@@ -241,17 +246,30 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     summary = write_summary(run_dir, store.records())
     tracking.log_run_results(logger, store.records(), summary, run_dir, step_offset)  # config, summary, table
     print_summary(summary, Console())  # the result goes to stdout; progress went to stderr
+    differences = paper.differences(OmegaConf.to_container(cfg, resolve=True))
+    if differences:  # a quick look (the default) or a variant: say how to run the paper's own protocol
+        log.info("Not the paper protocol: %s differ%s.", ", ".join(k.rsplit(".", 1)[-1] for k in differences),
+                 "s" if len(differences) == 1 else "")
+        log.info("Paper: lightning-idlg experiment=paper_mnist dataset.root=/path/to/mnist")
+    log.info("outputs: %s", run_dir)  # trials.jsonl, summary.json, pictures/, the log (outputs/README.md)
     return summary
 
 
 def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[Trial]], done, store: TrialStore,
-                    methods: list[str], logger, trainer_args: dict, world: int, progress: Progress) -> int:
+                    methods: list[str], logger, trainer_args: dict, world: int, progress: Progress,
+                    rank: int = 0) -> int:
     """The batch loop of `attack_and_record`; returns the logger's step offset (steps logged)."""
     step_offset = 0
     with progress:
-        mine = sum(len(b) for b in batches) * len(methods)
-        overall = progress.add_task("trials" if world == 1 else f"trials (rank 0 of {world})", total=mine)
-        steps_task = progress.add_task("steps", total=cfg.steps)
+        # one bar per method: its trials done out of `trials` (this rank's share with several ranks)
+        planned = [t for b in batches for t in b]
+        extra = cfg.trials - len(planned) if world == 1 else 0  # trials recorded for every method already
+        mine = set(range(cfg.trials)) if world == 1 else {t.index for t in planned}
+        converged = _converged_counts(run_dir, methods, mine, done)
+        counts = {m: extra + sum((m, t.index) in done for t in planned) for m in methods}
+        tasks = {m: progress.add_task(m if world == 1 else f"{m} (rank 0 of {world})", total=extra + len(planned),
+                                      completed=counts[m], info=f"{converged[m]} converged") for m in methods}
+        steps_task = progress.add_task("steps", total=cfg.steps, info="")
         for batch in batches:
             private, shared, cost = prepare_batch(cfg, dataset, batch)
             results = {}
@@ -259,18 +277,45 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
                 todo = [t for t in batch if (method, t.index) not in done]
                 if not todo:
                     continue
-                progress.update(steps_task, description=f"{method} steps", completed=0)
+                rows = [row for row, t in enumerate(batch) if (method, t.index) not in done]
+                # callbacks made in the call: Lightning binds the module's `log` to each callback, so one kept
+                # in a variable here would keep this batch's module (and its L-BFGS history) alive
                 result, used = attack_batch(cfg, method, shared, batch, logger, step_offset,
-                                            [ReconstructionMonitor(private.images.flatten(0, 1), step_offset),
-                                             StepProgress(progress, steps_task)], trainer_args)
+                                            [ReconstructionMonitor(private.images.flatten(0, 1), step_offset,
+                                                                   trial_indices=_per_image(private)),
+                                             AttackProgress(progress, tasks[method], steps_task, cfg.steps, rows,
+                                                            counts[method], converged[method])],
+                                            trainer_args)
                 step_offset += used
                 results[method] = result
                 store.append(evaluate(cfg, result, private, batch, todo, cost))
-                progress.advance(overall, len(todo))
+                statuses = [result.status[row] for row in rows]
+                counts[method] += len(todo)
+                converged[method] += statuses.count("converged")
+                progress.update(tasks[method], completed=counts[method], info=f"{converged[method]} converged")
+                log.info("%s%s: trials %d-%d done (%d converged, %d not converged, %d diverged) in %.1f s",
+                         f"rank {rank}: " if world > 1 else "", method, todo[0].index, todo[-1].index,
+                         statuses.count("converged"), statuses.count("not_converged"), statuses.count("diverged"),
+                         result.seconds)
             save_pictures(cfg, run_dir, batch, private, results)
             del private, shared, results  # on disk now: nothing of a finished batch outlives it
             gc.collect()  # see attack_and_record
     return step_offset
+
+
+def _per_image(private: PrivateBatch) -> list[int]:
+    """The trial index of every private image, flattened (K, B) -> K * B (panel labels)."""
+    return [index for index in private.indices for _ in range(private.images.shape[1])]
+
+
+def _converged_counts(run_dir: Path, methods: list[str], indices: set[int], done) -> dict[str, int]:
+    """Converged trials per method among the recorded ones of `indices` (a resumed run's bars start there)."""
+    counts = dict.fromkeys(methods, 0)
+    if done:
+        for record in TrialStore(run_dir).records():
+            if record["method"] in counts and record["status"] == "converged" and int(record["index"]) in indices:
+                counts[record["method"]] += 1
+    return counts
 
 
 # Several ranks --------------------------------------------------------------------------------------------
@@ -575,25 +620,62 @@ def save_pictures(cfg: DictConfig, run_dir: Path, batch: list[Trial], private: P
     b = private.images.shape[1]
     orders = {m: metrics.match(results[m].dummy, private.images) for m in methods}
     for row, trial in enumerate(batch):
-        for j in range(b):
+        for j in range(b):  # a client batch: a picture per private image, beside its matched reconstructions
+            truth, label = private.images[row, j], int(private.labels[row, j])
+            outcomes = []
+            for m in methods:
+                r, o = results[m], int(orders[m][row, j])
+                snapshots = sorted((step, snaps[row, o]) for step, snaps in r.snapshots.items() if row < len(snaps))
+                mse = float(metrics.mse(r.dummy[row, o][None], truth[None])[0])
+                outcomes.append(Outcome(m, r.dummy[row, o], int(r.predicted_label[row, o]), mse, r.status[row],
+                                        int(r.steps[row]), snapshots))
             name = f"trial_{trial.index:05d}.png" if b == 1 else f"trial_{trial.index:05d}_s{j}.png"
-            save_trial_picture(run_dir / "pictures" / name, private.images[row, j],
-                               [results[m].dummy[row, orders[m][row, j]] for m in methods])
-        if trial.index < cfg.progress_trials and all(results[m].snapshots for m in methods):
-            strips = [[snaps[row, 0] for _, snaps in sorted(results[m].snapshots.items())] for m in methods]
-            save_progress_strip(run_dir / "pictures" / f"progress_{trial.index:05d}.png", strips)
+            save_trial_picture(run_dir / "pictures" / name, trial.index, trial.images[j], label, truth, outcomes)
+            if j == 0 and trial.index < cfg.progress_trials and all(o.snapshots for o in outcomes):
+                save_progress_strip(run_dir / "pictures" / f"progress_{trial.index:05d}.png", trial.index,
+                                    trial.images[0], label, outcomes)
+
+
+SUMMARY_COLUMNS = ("method", "trials", "label", "<1e-2", "<1e-3", "<1e-4", "conv", "div", "PSNR", "SSIM", "steps")
+SUMMARY_NOTE = ("label: label accuracy; <t: share of trials with MSE < t",
+                "conv, div: converged, diverged; PSNR, SSIM, steps (to converge): medians")
+SUMMARY_TITLE = "lightning_idlg summary"
+file_log = logging.getLogger("lightning_idlg.logfile")  # the run's log file only (configs/hydra/job_logging)
+
+
+def summary_rows(summary: dict[str, dict]) -> list[list[str]]:
+    rows = []
+    for method, s in summary.items():
+        f = s["fidelity"]
+        rows.append([method, str(s["trials"]), f"{s['label_accuracy']:.3f}", f"{f['0.01']:.3f}", f"{f['0.001']:.3f}",
+                     f"{f['0.0001']:.3f}", str(s["status"]["converged"]), str(s["status"]["diverged"]),
+                     f"{s['psnr']:.1f}", f"{s['ssim']:.3f}", f"{s['steps_to_converge']:.0f}"])
+    return rows
+
+
+def summary_text(summary: dict[str, dict]) -> str:
+    """The summary as plain text, 76 columns at most (also in the log file, and without a terminal)."""
+    rows = [list(SUMMARY_COLUMNS), *summary_rows(summary)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([SUMMARY_TITLE, *lines, *SUMMARY_NOTE])
 
 
 def print_summary(summary: dict[str, dict], console: Console) -> None:
-    """The per-method summary as a table (fidelity columns: share of trials with MSE below 1e-2 ...)."""
-    table = Table(title="lightning_idlg summary", caption="fid<t: share of trials with MSE < t")
-    for column in ("method", "trials", "label", "fid<1e-2", "fid<1e-3", "fid<1e-4", "conv", "div", "PSNR",
-                   "SSIM", "steps"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for method, s in summary.items():
-        f = s["fidelity"]
-        table.add_row(method, str(s["trials"]), f"{s['label_accuracy']:.3f}", f"{f['0.01']:.3f}",
-                      f"{f['0.001']:.3f}", f"{f['0.0001']:.3f}", str(s["status"]["converged"]),
-                      str(s["status"]["diverged"]), f"{s['psnr']:.1f}", f"{s['ssim']:.3f}",
-                      f"{s['steps_to_converge']:.0f}")
+    """The per-method summary on stdout: a table on a terminal, plain text otherwise (a pipe, a SLURM log);
+    both fit 80 columns. The plain text also goes to the run's log file."""
+    text = summary_text(summary)
+    file_log.info("%s", text)
+    if not console.is_terminal:
+        console.file.write(text + "\n")
+        console.file.flush()
+        return
+    table = Table(title=SUMMARY_TITLE, caption="\n".join(SUMMARY_NOTE), box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False, show_edge=False, title_justify="left",
+                  caption_justify="left")  # 74 columns for 1,000 trials
+    for column in SUMMARY_COLUMNS:
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    for row in summary_rows(summary):
+        table.add_row(*row)
     console.print(table)

@@ -54,3 +54,88 @@ def fidelity(dataset: str, method: str) -> dict[str, float] | None:
     if percents is None:
         return None
     return {key: _share(p) for key, p in zip(FIDELITY_KEYS, percents)}
+
+
+# -- the protocol, as config values ---------------------------------------------------------------------
+#: What experiment=paper_* sets, as dotted config keys (tests/test_app.py checks the presets against it):
+#: untrained sigmoid LeNet with U(-0.5, 0.5) weights, L-BFGS lr 1 with PyTorch's defaults and no line
+#: search, 300 steps, stop at D < 1e-6, no patience, no restarts, iDLG's label from the reference script's rule.
+PROTOCOL = {
+    "steps": 300,
+    "tolerance": 1e-6,
+    "patience": None,
+    "restarts": 0,
+    "optimizer._target_": "lightning_idlg.optim.BatchedLBFGS",
+    "optimizer.lr": 1.0,
+    "optimizer.max_iter": 20,
+    "optimizer.max_eval": None,
+    "optimizer.history_size": 100,
+    "optimizer.tolerance_grad": 1e-7,
+    "optimizer.tolerance_change": 1e-9,
+    "optimizer.line_search_fn": None,
+    "attack.idlg.label_strategy.rule": "weight_sum",
+    "attack.dlg.label_strategy._target_": "lightning_idlg.labels.LearnedLabel",
+    "attack.idlg.label_strategy._target_": "lightning_idlg.labels.AnalyticLabel",
+    "attack.dlg.objective._target_": "lightning_idlg.objective.SquaredL2",
+    "attack.idlg.objective._target_": "lightning_idlg.objective.SquaredL2",
+    "model.factory._target_": "lightning_idlg.victim.LeNet",
+    "model.factory.activation": "sigmoid",
+    "model.factory.width": 12,
+    "model.init._target_": "lightning_idlg.victim.UniformInit",
+    "model.init.scale": 0.5,
+    "client.batch_size": 1,
+    "client.reduction": "mean",
+    "defense": "none",
+    # the same settings in a config.yaml from before attacks were assembled from parts
+    "method.idlg.label_rule": "weight_sum",
+    "model.init": "uniform",
+    "model.init_scale": 0.5,
+}
+#: What experiment=paper_*_improved adds to it.
+IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2}
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, object]:
+    """{"optimizer": {"lr": 1.0}} -> {"optimizer.lr": 1.0}; lists stay values."""
+    flat = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _improved(flat: dict) -> bool:
+    return (flat.get("optimizer.line_search_fn") is not None or bool(flat.get("restarts"))
+            or flat.get("patience") is not None)
+
+
+def protocol_of(config: dict) -> tuple[str, dict[str, object]]:
+    """("paper" | "improved" | "custom", the keys that differ from that protocol's preset values).
+
+    "improved": the run uses what the `_improved` presets add (a line search, restarts or patience);
+    "custom": it does not, but differs from the paper in steps, tolerance, optimizer, label rule or
+    model; "paper": neither. A key the config lacks counts as the preset's (a run without config.yaml
+    is "paper", as before there were variants); iDLG's label rule counts only where iDLG ran."""
+    name = "improved" if _improved(flatten(config)) else "paper"
+    found = differences(config, {**PROTOCOL, **IMPROVED} if name == "improved" else PROTOCOL)
+    return ("custom" if name == "paper" and found else name), found
+
+
+def differences(config: dict, reference: dict[str, object] = PROTOCOL) -> dict[str, object]:
+    """The keys of `reference` whose value in `config` differs (missing keys count as equal; a method's
+    keys only where that method ran), with the config's values."""
+    flat = flatten(config)
+    if isinstance(config.get("defense"), dict):  # the client's defenses: "none", or their names in order
+        flat["defense"] = "+".join(config["defense"]) or "none"
+    found = {}
+    for key, value in reference.items():
+        section = key.split(".")[0]
+        ran = config.get(section) if section in ("method", "attack") else None
+        if isinstance(ran, dict) and key.split(".")[1] not in ran:
+            continue
+        if key in flat and flat[key] != value:
+            found[key] = flat[key]
+    return found

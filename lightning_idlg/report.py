@@ -3,12 +3,16 @@
     lightning-idlg-report RUN_DIR [RUN_DIR ...] [--out DIR] [--title TEXT] [--progress-trial N ...]
 
 Every `trials.jsonl` below each argument is read (one run, or a whole Hydra multirun dir). Records are
-grouped by (data set, protocol, method), the data set being the record's `dataset` field (the loader name)
-and the protocol the run's: "paper", or "improved" when its config.yaml adds what the paper lacks (a line
-search, restarts, patience; `experiment=paper_*_improved`). Runs of the same data set and protocol are
-pooled; the two protocols never are, and improved rows are labelled "<data set>, improved". The numbers come
-from `results.summarize` and `metrics.fidelity`, the definitions the runs' own `summary.json` use. Written
-into `--out`:
+grouped by data set (the record's `dataset` field, the loader name), variant and method. The variant comes
+from the run's config.yaml (`paper.protocol_of`): "paper" when it is the paper protocol exactly (steps,
+tolerance, optimizer, label rule, victim as `experiment=paper_*` sets them), "improved" when it is that
+plus what the `_improved` presets add (a line search, restarts, patience), each followed by the keys that
+differ from that preset ("improved: steps=100"); a run that differs from the paper otherwise is "custom:
+steps=10". Runs are pooled into one row only when their configs agree on everything but the seed and
+where and how they ran (`PLACEMENT`); where configs of the same variant differ, the differing keys are
+added to the row's name. The paper's numbers stand beside "paper" and "improved" rows only. The numbers
+come from `results.summarize` and `metrics.fidelity`, the definitions the runs' own `summary.json` use.
+Written into `--out`:
 
 - `report.md`: runs and their commands, then the tables and figures below, with the paper's numbers beside
   ours where the paper has the data set (MNIST, CIFAR-100, LFW);
@@ -40,22 +44,28 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.image import imread
+from PIL import Image
 
 from lightning_idlg import paper
 from lightning_idlg.metrics import FIDELITY_THRESHOLDS, median
+from lightning_idlg.pictures import LAYOUT_KEY, LAYOUT_VALUE
 from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summarize, unique
 
 METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
 METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
 DATASET_ORDER = ("mnist", "cifar100", "lfw", "digits", "faces", "image_folder")
-PROTOCOLS = ("paper", "improved")        # row order within a data set
+PROTOCOLS = ("paper", "improved", "custom")   # row order within a data set
 FIDELITY_KEYS = paper.FIDELITY_KEYS      # "0.01" ... "0.0001", the keys of summarize()["fidelity"]
 COLORS = {"dlg": "tab:blue", "idlg": "tab:orange"}
 MARKERS = {"dlg": "o", "idlg": "^"}
-LINES = {"paper": "-", "improved": "-."}   # our curves by protocol; the paper's own curves are dashed
-# overrides that may differ between pooled runs without changing what a trial measures
-POOLABLE_KEYS = {"seed", "trials", "method", "trials_per_batch", "threads", "progress_bar", "pictures",
-                 "progress_trials", "snapshot_every", "logger", "trainer", "dataset.root", "dataset.download"}
+LINES = {"paper": "-", "improved": "-.", "custom": ":"}   # ours by protocol; the paper's own curves are dashed
+# config keys (and key prefixes) that may differ between pooled runs: which sample of trials (seed, trials),
+# where the data lie, and where and how the run ran and was recorded; everything else changes what a trial
+# measures, so runs that differ in it are never pooled
+PLACEMENT = ("hydra", "seed", "trials", "trials_per_batch", "threads", "progress_bar", "pictures", "progress_trials",
+             "snapshot_every", "logger", "optimized_metric", "dataset.root", "dataset.download", "trainer.accelerator",
+             "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.enable_checkpointing",
+             "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.num_sanity_val_steps")
 DASH = "—"
 
 
@@ -81,18 +91,41 @@ class Run:
 
     @property
     def protocol(self) -> str:
-        return protocol(self.config)
+        return variant_name(*paper.protocol_of(self.config))
+
+    def method_config(self, method: str) -> dict:
+        """The config as it applied to `method`'s trials: the other methods' settings left out."""
+        methods = self.config.get("method")
+        if not isinstance(methods, dict):
+            return self.config
+        return {**self.config, "method": {m: v for m, v in methods.items() if m == method}}
 
 
 def protocol(config: dict) -> str:
-    """"paper" when the run used none of what the improved presets add (a line search in L-BFGS, restarts,
-    patience), else "improved": the two measure different attacks, so they are never pooled. A run without
-    config.yaml ({}) counts as "paper", as before there were variants; `restart_distance` alone changes
-    nothing (it only matters with restarts)."""
-    optimizer = config.get("optimizer") or {}
-    if optimizer.get("line_search_fn") is None and not config.get("restarts") and config.get("patience") is None:
-        return "paper"
-    return "improved"
+    """"paper", "improved" or "custom" (paper.protocol_of): "paper" only for the paper protocol exactly; a
+    run without config.yaml ({}) counts as "paper", as before there were variants; `restart_distance`
+    alone changes nothing (it only matters with restarts)."""
+    return paper.protocol_of(config)[0]
+
+
+def variant_name(name: str, differences: dict) -> str:
+    """"paper", "improved", or the protocol with the keys that differ from its preset: "custom: steps=10"."""
+    return name + (": " + ", ".join(f"{k}={_value(v)}" for k, v in differences.items()) if differences else "")
+
+
+def _value(value) -> str:
+    return "null" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting(config: dict) -> dict[str, str]:
+    """The config keys that change what a trial measures (all but PLACEMENT), flat, values as text."""
+    return {k: _value(v) for k, v in paper.flatten(config).items()
+            if not any(k == p or k.startswith(p + ".") for p in PLACEMENT)}
+
+
+def comparable(variant: str) -> bool:
+    """Whether the paper's numbers belong beside a row: the paper protocol, or the improved preset."""
+    return variant in ("paper", "improved")
 
 
 @dataclass
@@ -156,21 +189,42 @@ def _read_yaml(path: Path):
 
 
 def group_records(runs: list[Run]) -> dict[tuple[str, str], dict[str, Group]]:
-    """{(dataset, protocol): {method: Group}}, data sets in the paper's order first, the paper protocol
-    before the improved one, methods DLG then iDLG."""
-    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for run in runs:                    # the protocol is the run's (its config), not the record's
-        for record in run.records:
-            by_key[str(record["dataset"]), run.protocol].append(record)
+    """{(dataset, variant): {method: Group}}, data sets in the paper's order first, then paper, improved,
+    custom variants, methods DLG then iDLG. Records pool only across runs whose settings (`setting`) agree."""
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    settings: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
+    for run in runs:                    # the variant is the run's (its config), not the record's
+        for method in sorted({r["method"] for r in run.records}, key=_method_rank):
+            config = run.method_config(method)
+            base = variant_name(*paper.protocol_of(config))
+            own = setting(config)
+            signature = tuple(sorted(own.items()))
+            for record in run.records:
+                if record["method"] == method:
+                    by_key[str(record["dataset"]), base, method, signature].append(record)
+                    settings[str(record["dataset"]), base, method][signature] = own
+    records_of: dict[tuple[str, str], dict[str, list[dict]]] = defaultdict(dict)
+    for (dataset, base, method, signature), records in by_key.items():
+        variant = base + _distinguishing(settings[dataset, base, method], signature)
+        records_of[dataset, variant][method] = records
     groups = {}
-    for key in sorted(by_key, key=_key_rank):
-        records = by_key[key]
-        summary = summarize(records)
-        groups[key] = {
-            method: Group(*key, method, [r for r in records if r["method"] == method], summary[method])
-            for method in sorted(summary, key=_method_rank)
-        }
+    for key in sorted(records_of, key=_key_rank):
+        groups[key] = {}
+        for method in sorted(records_of[key], key=_method_rank):
+            records = records_of[key][method]
+            groups[key][method] = Group(*key, method, records, summarize(records)[method])
     return groups
+
+
+def _distinguishing(settings: dict[tuple, dict], signature: tuple) -> str:
+    """"" when one setting has this variant; else "; " and the keys in which this one differs from the
+    others with its values (so that two settings never share a row)."""
+    if len(settings) < 2:
+        return ""
+    own = settings[signature]
+    keys = sorted({k for other in settings.values() for k in set(other) | set(own)
+                   if any(other.get(k) != own.get(k) for other in settings.values())})
+    return "; " + ", ".join(f"{k}={own[k] if k in own else '(unset)'}" for k in keys)
 
 
 def _dataset_rank(name: str):
@@ -179,7 +233,13 @@ def _dataset_rank(name: str):
 
 def _key_rank(key: tuple[str, str]):
     dataset, variant = key
-    return (_dataset_rank(dataset), PROTOCOLS.index(variant) if variant in PROTOCOLS else len(PROTOCOLS), variant)
+    base = _base(variant)
+    return (_dataset_rank(dataset), PROTOCOLS.index(base) if base in PROTOCOLS else len(PROTOCOLS), variant)
+
+
+def _base(variant: str) -> str:
+    """The protocol a variant name starts with: "custom: steps=10" -> "custom"."""
+    return variant.split(":")[0].split(";")[0]
 
 
 def _row_label(dataset: str, variant: str) -> str:
@@ -208,7 +268,7 @@ def label_accuracy_rows(groups) -> list[dict]:
                 "correct": g.correct,
                 "label_accuracy": g.summary["label_accuracy"],
                 "paper_dataset": paper.DATASETS.get(dataset, ""),
-                "paper_label_accuracy": _blank(paper.label_accuracy(dataset, method)),
+                "paper_label_accuracy": _blank(paper.label_accuracy(dataset, method) if comparable(variant) else None),
             })
     return rows
 
@@ -217,7 +277,8 @@ def fidelity_rows(groups) -> list[dict]:
     rows = []
     for (dataset, variant), methods in groups.items():
         for method, g in methods.items():
-            ours, theirs = g.summary["fidelity"], paper.fidelity(dataset, method) or {}
+            ours = g.summary["fidelity"]
+            theirs = (paper.fidelity(dataset, method) if comparable(variant) else None) or {}
             row = {"dataset": dataset, "protocol": variant, "method": method, "trials": g.summary["trials"]}
             row.update({f"mse_below_{k}": ours[k] for k in FIDELITY_KEYS})
             row.update({f"paper_mse_below_{k}": _blank(theirs.get(k)) for k in FIDELITY_KEYS})
@@ -264,7 +325,8 @@ def _blank(value):
 # -- figures ------------------------------------------------------------------------------------------
 def plot_fidelity(groups, path: Path) -> None:
     """One panel per data set: share of trials with MSE < t against t (log axis, 1e-2 down to 1e-4, as
-    in the paper's Figure 1), ours solid (improved protocol: dash-dot), the paper's dashed."""
+    in the paper's Figure 1), ours solid (improved: dash-dot, custom: dotted), the paper's dashed, drawn only
+    where a row of the panel is the paper protocol or the improved preset."""
     datasets = _datasets(groups)
     n = len(datasets)
     ncols = min(n, 3)
@@ -278,15 +340,16 @@ def plot_fidelity(groups, path: Path) -> None:
             if d != dataset:
                 continue
             for method, g in by_method.items():
-                methods.append(method)
+                if comparable(variant):
+                    methods.append(method)
                 name = METHOD_NAMES.get(method, method)
                 source = "ours" if variant == "paper" else f"ours, {variant}"
                 ours = [100 * g.summary["fidelity"][k] for k in FIDELITY_KEYS]
-                ax.plot(FIDELITY_THRESHOLDS, ours, LINES.get(variant, ":") + MARKERS.get(method, "o"),
+                ax.plot(FIDELITY_THRESHOLDS, ours, LINES.get(_base(variant), ":") + MARKERS.get(method, "o"),
                         color=COLORS.get(method),
                         markersize=7 if method == "dlg" else 5,   # DLG's larger marker stays visible under iDLG's
                         label=f"{name} ({source}, n={g.summary['trials']})")
-        for method in sorted(set(methods), key=_method_rank):   # once per method, whatever our protocols
+        for method in sorted(set(methods), key=_method_rank):   # once per method, beside comparable rows only
             theirs = paper.fidelity(dataset, method)
             if theirs:
                 ax.plot(FIDELITY_THRESHOLDS, [100 * theirs[k] for k in FIDELITY_KEYS], "--",
@@ -341,8 +404,9 @@ def choose_strips(runs: list[Run], trials: list[int] | None) -> list[Strip]:
 
 
 def plot_progress(strip: Strip, out: Path) -> None:
-    """The strip with its step under each column and its method (status, final MSE) beside each row; a
-    strip whose geometry cannot be read is copied as it is."""
+    """A run's own labelled strip (pictures.py) is copied as it is; an older, unlabelled one is drawn with
+    its step under each column and its method (status, final MSE) beside each row; one whose geometry
+    cannot be read is copied as it is."""
     run, records = strip.run, [r for r in strip.run.records if int(r["index"]) == strip.index]
     by_method = {r["method"]: r for r in records}
     methods = sorted(by_method, key=_method_rank) or [
@@ -352,6 +416,11 @@ def plot_progress(strip: Strip, out: Path) -> None:
     strip.caption = (f"{strip.dataset or 'run'} trial {strip.index}"
                      + (f" (image {first['image_index']}, label {first['label']})" if first else "")
                      + f", run `{run.path}`")
+    with Image.open(strip.source) as picture:
+        labelled = picture.text.get(LAYOUT_KEY) == LAYOUT_VALUE if hasattr(picture, "text") else False
+    if labelled:
+        shutil.copyfile(strip.source, out / strip.output)
+        return
     image = imread(strip.source)
     height, width = image.shape[:2]
     pad, rows = 2, max(1, len(methods))        # torchvision make_grid: 2 px padding around every tile
@@ -417,13 +486,16 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
         lines += [preface.strip(), ""]
     lines += [
              f"{sum(len(r.records) for r in runs)} trial records from {len(runs)} run(s), grouped by data set "
-             "(the loader that produced the images), protocol and method; runs of the same data set and "
-             "protocol are pooled. Protocol: the paper's, or *improved* (a line search, restarts or patience "
-             "in the run's config, e.g. `experiment=paper_mnist_improved`): those rows are labelled "
-             f"\"<data set>, improved\" and never pooled with the paper protocol's. Paper: {paper.SOURCE}.", ""]
+             "(the loader that produced the images), variant and method. Variant: *paper* (the paper protocol "
+             "exactly, `experiment=paper_*`), *improved* (that plus a line search, restarts and patience, "
+             "`experiment=paper_*_improved`), or *custom* (differs from the paper otherwise), followed by the "
+             "config keys that differ from the preset (e.g. \"custom: steps=10\"). Runs share a row only when "
+             "their configs agree on everything but the seed, the number of trials and where and how they ran; "
+             "the paper's numbers stand beside *paper* and *improved* rows only. "
+             f"Paper: {paper.SOURCE}.", ""]
 
     lines += ["## Runs", ""]
-    lines += _table(["run dir", "data set", "protocol", "records (DLG / iDLG / other)", "dataset.root",
+    lines += _table(["run dir", "data set", "variant", "records (DLG / iDLG / other)", "dataset.root",
                      "command"], [[
         f"`{run.path}`",
         ", ".join(sorted({str(r["dataset"]) for r in run.records}, key=_dataset_rank)) or DASH,
@@ -447,7 +519,7 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
         for m in methods:
             g = by_method.get(m)
             row.append(f"{_pct(g.summary['label_accuracy'])} ({g.correct}/{g.summary['trials']})" if g else DASH)
-            row.append(_pct(paper.label_accuracy(dataset, m)))
+            row.append(_pct(paper.label_accuracy(dataset, m) if comparable(variant) else None))
         rows.append(row)
     lines += _table(header, rows) + ["", "CSV: `label_accuracy.csv` (shares in [0, 1]).", ""]
 
@@ -466,15 +538,17 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
                     rows.append([_row_label(dataset, variant), name, "ours", g.summary["trials"]]
                                 + [_pct(g.summary["fidelity"][k]) for k in FIDELITY_KEYS])
             theirs = paper.fidelity(dataset, m)
-            if theirs:
+            if theirs and any(d == dataset and m in by_method and comparable(variant)
+                              for (d, variant), by_method in groups.items()):
                 rows.append([dataset, name, f"paper ({paper.DATASETS[dataset]})", paper.TRIALS]
                             + [_pct(theirs[k]) for k in FIDELITY_KEYS])
     lines += _table(header, rows) + ["", "CSV: `fidelity.csv` (shares in [0, 1]).", ""]
 
     lines += ["## Reconstruction progress (the paper's Figure 2)", ""]
     if strips:
-        lines += ["Dummy data every few steps from the random start (left) to the last step (right), DLG row "
-                  "above iDLG row, shown clamped to [0, 1]; the same image and network for both.", ""]
+        lines += ["Dummy data every few steps from the random start (left) to the step the trial stopped at "
+                  "(right), DLG row above iDLG row, shown clamped to [0, 1]; the same image and network for both.",
+                  ""]
         for strip in strips:
             lines += [f"![{strip.caption}]({strip.output})", "", f"*{strip.caption}*", ""]
     else:
@@ -549,7 +623,7 @@ def notes(runs: list[Run], groups) -> list[str]:
             "in Runs. When that folder holds a subset (e.g. a shared local copy of part of the test split, "
             "which need not be a uniform sample), these are not the paper's samples: compare rates, not "
             "individual trials, and name the rows after the subset actually used.")
-    if any(variant != "paper" for _, variant in groups):
+    if any(_base(variant) == "improved" for _, variant in groups):
         found.append("Improved rows come from runs with a line search, restarts or patience (the "
                      "`experiment=paper_*_improved` presets): not the paper's protocol. The paper's numbers beside "
                      "them are for comparison; a same-seed paper-protocol run is the like-for-like baseline.")
@@ -558,6 +632,15 @@ def notes(runs: list[Run], groups) -> list[str]:
             found.append(f"`{run.path}`: {run.duplicates} line(s) of its trials.jsonl repeat a (method, trial "
                          "index) of the same run (e.g. two runs once wrote into it at the same time); each "
                          "trial is counted once, from its first line.")
+    odd = [_row_label(d, v) for d, v in groups if not comparable(v)]
+    if odd:
+        found.append(f"Not the paper protocol, and not the improved preset either: {'; '.join(odd)}. Each differs "
+                     "from its preset in the config keys its name lists, so the paper's numbers are not shown "
+                     "beside it.")
+    bare = [run for run in runs if not run.config]
+    if bare:
+        found.append(f"{len(bare)} run(s) without config.yaml are counted as the paper protocol: "
+                     + ", ".join(f"`{run.path}`" for run in bare) + ".")
     for (dataset, variant), by_method in groups.items():
         label = _row_label(dataset, variant)
         for m, g in by_method.items():
@@ -571,20 +654,7 @@ def notes(runs: list[Run], groups) -> list[str]:
         if len(images) < trials:
             found.append(f"{label}: {len(images)} distinct images among {trials} trials per method (a run "
                          "draws images again once its trials exceed the data set, and runs may share images).")
-        # only the runs pooled into this row: a paper and an improved run differ by design, not by accident
-        varying = _varying_overrides([run for run in runs if run.protocol == variant
-                                      and any(str(r["dataset"]) == dataset for r in run.records)])
-        if varying:
-            found.append(f"{label}: pooled runs differ in {', '.join(f'`{k}`' for k in varying)}; their trials "
-                         "are counted together.")
     return found
-
-
-def _varying_overrides(runs: list[Run]) -> list[str]:
-    settings = [dict(o.split("=", 1) for o in run.overrides if "=" in o) for run in runs if run.overrides is not None]
-    keys = {k.lstrip("+~") for s in settings for k in s} - POOLABLE_KEYS
-    values = [{k.lstrip("+~"): v for k, v in s.items()} for s in settings]
-    return sorted(k for k in keys if len({s.get(k) for s in values}) > 1)
 
 
 # -- entry point --------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 - `WandbTracker` (`logger=wandb`): Lightning's `WandbLogger` that picks offline mode by itself when no
   API key is configured, groups the jobs of a Hydra multirun, tags the run with its methods and data
   set, and carries the image-panel settings that `ReconstructionMonitor` reads.
-- `log_panel`: a grid of ground truth (top row) over current reconstructions (bottom row) for the first
-  few trials of the batch in flight; W&B only (other loggers have no images).
+- `log_panel`: a labelled picture of ground truth (top row) over current reconstructions (bottom row)
+  for the first few trials of the batch in flight, 8-bit RGB; W&B only (other loggers have no images).
 - `log_run_results`: once per run, the resolved config, the summary scalars (any logger) and, for W&B,
   the summary in `run.summary` and a per-trial table; then it closes the W&B run, so that the next
   job of a multirun (same process) starts a run of its own.
@@ -103,20 +103,27 @@ def panel_due(logger: Logger | None, local_step: int) -> bool:
     return bool(every and trials) and local_step % every == 0
 
 
-def log_panel(logger: Logger | None, method: str, truth: torch.Tensor, dummy: torch.Tensor, step: int) -> None:
+def log_panel(logger: Logger | None, method: str, truth: torch.Tensor, dummy: torch.Tensor, step: int,
+              attack_step: int | None = None, trials: list[int] | None = None) -> None:
     """Ground truth (top row) over reconstruction (bottom row) of the batch's first `image_trials` trials,
-    one image `<method>/reconstructions` at `step` (the curves' step). Rank zero only; W&B only."""
+    one image `<method>/reconstructions` at `step` (the curves' step), labelled with the method, the
+    attack's own step in its batch (`attack_step`) and the trial indices (`trials`). The picture is 8-bit
+    RGB in [0, 255] (pictures.panel_canvas: clamped to [0, 1], x 255, upscaled by nearest neighbour),
+    handed to W&B as a PIL image, which it stores as a PNG unchanged. Rank zero only; W&B only."""
     every, n = panel_settings(logger)
     if not (every and n) or rank_zero_only.rank != 0:
         return
     import wandb
-    from torchvision.utils import make_grid
+
+    from lightning_idlg.pictures import panel_canvas
 
     n = min(n, len(dummy))
-    rows = torch.cat([truth[:n].cpu(), dummy[:n].detach().cpu()]).float().clamp(0, 1)
-    grid = make_grid(rows, nrow=n, padding=1, pad_value=1.0)
-    caption = f"step {step}: ground truth (top) | {method} reconstruction (bottom), first {n} trials of the batch"
-    logger.log_metrics({f"{method}/reconstructions": wandb.Image(grid, caption=caption)}, step=step)
+    attack_step = step if attack_step is None else attack_step
+    trials = list(trials)[:n] if trials is not None else list(range(n))
+    canvas = panel_canvas(method, attack_step, truth[:n].cpu(), dummy[:n].detach().cpu(), trials)
+    caption = (f"{method} at step {attack_step} of its batch (chart step {step}): ground truth (top) over "
+               f"reconstruction (bottom), trials {', '.join(map(str, trials))}")
+    logger.log_metrics({f"{method}/reconstructions": wandb.Image(canvas.image, caption=caption)}, step=step)
 
 
 def flat_summary(summary: dict[str, dict]) -> dict[str, float]:

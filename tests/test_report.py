@@ -313,3 +313,83 @@ def test_cli_defaults_and_errors(tmp_path, capsys):
 def test_console_script_is_declared():
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'lightning-idlg-report = "lightning_idlg.report:main"' in pyproject
+
+
+def composed(*overrides: str) -> dict:
+    """config.yaml as a run writes it (resolved), from the real configs."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+def test_presets_are_the_protocols_the_report_names():
+    """paper.PROTOCOL is what experiment=paper_* sets, key by key (none missing), and the quick defaults of
+    config.yaml do not leak into the presets; the `_improved` presets are PROTOCOL + IMPROVED."""
+    for name in ("paper_mnist", "paper_cifar100", "paper_lfw"):
+        config = composed(f"experiment={name}")
+        flat = paper.flatten(config)
+        assert {k: flat[k] for k in paper.PROTOCOL} == paper.PROTOCOL, name
+        assert paper.protocol_of(config) == ("paper", {}) and protocol(config) == "paper"
+        assert paper.protocol_of(composed(f"experiment={name}_improved")) == ("improved", {})
+        assert paper.protocol_of(composed(f"experiment={name}", "steps=10")) == ("custom", {"steps": 10})
+    default = composed()   # the quick look: improved stopping, 100 steps, no restarts
+    assert paper.protocol_of(default) == ("improved", {"steps": 100, "restarts": 0})
+    assert set(paper.differences(default)) == {"steps", "optimizer.line_search_fn", "patience"}
+    assert paper.protocol_of(composed("experiment=paper_mnist", "method=dlg", "method.dlg.divergence_bound=5")) == (
+        "paper", {})                                      # not a protocol key (but never pooled: below)
+
+
+def test_short_runs_are_not_the_paper_protocol_and_settings_never_pool(tmp_path):
+    """experiment=paper_mnist steps=10 is "custom: steps=10", a row of its own without the paper's numbers
+    beside it; runs that differ in any result-changing key get rows of their own, named by that key;
+    seed, trials, threads and devices do not split a row."""
+    four = [record(m, i, 1e-6, seed=s) for m in ("dlg", "idlg") for i in range(2) for s in (0,)]
+    write_run(tmp_path / "paper", four, config=composed("experiment=paper_mnist"))
+    write_run(tmp_path / "paper_again", [dict(r, seed=1) for r in four],
+              config=composed("experiment=paper_mnist", "seed=1", "trials=2", "threads=1", "trainer=ddp"))
+    write_run(tmp_path / "short", four, config=composed("experiment=paper_mnist", "steps=10"))
+    write_run(tmp_path / "short_train", four, config=composed("experiment=paper_mnist", "steps=10",
+                                                              "dataset.train=true"))
+    out = tmp_path / "out"
+    text = write_report([tmp_path], out).read_text()
+    rows = read_rows(out / "fidelity.csv")
+    assert sorted(rows) == sorted((
+        ("mnist", variant, m) for m in ("dlg", "idlg")
+        for variant in ("paper", "custom: steps=10; dataset.train=True", "custom: steps=10; dataset.train=False")))
+    assert rows["mnist", "paper", "dlg"]["trials"] == "4"                       # two seeds pooled
+    assert rows["mnist", "custom: steps=10; dataset.train=True", "dlg"]["trials"] == "2"
+    assert rows["mnist", "paper", "dlg"]["paper_mse_below_0.01"] == "0.763"
+    assert rows["mnist", "custom: steps=10; dataset.train=True", "dlg"]["paper_mse_below_0.01"] == ""
+    labels = read_rows(out / "label_accuracy.csv")
+    assert labels["mnist", "custom: steps=10; dataset.train=False", "dlg"]["paper_label_accuracy"] == ""
+    assert "| mnist, custom: steps=10; dataset.train=False | DLG | ours | 2 |" in text
+    assert text.count("| mnist | DLG | paper (MNIST) | 1000 |") == 1
+    notes = text.split("## Notes")[1]
+    assert "Not the paper protocol, and not the improved preset either: mnist, custom: steps=10" in notes
+    assert "| `" + str(tmp_path / "short") + "` | mnist | custom: steps=10 |" in text   # the runs table
+
+
+def test_a_paper_preset_run_alone_is_never_compared_when_short(tmp_path):
+    """The issue's case: one run of experiment=paper_mnist steps=10; its curve is dotted and the paper's
+    300-step curves are not drawn (no row of the panel is comparable)."""
+    write_run(tmp_path / "short", MNIST, config=composed("experiment=paper_mnist", "steps=10"))
+    text = write_report([tmp_path / "short"], tmp_path / "out").read_text()
+    assert "| mnist, custom: steps=10 | DLG | ours | 4 |" in text
+    assert "paper (MNIST)" not in text.split("## Fidelity")[1].split("## Reconstruction")[0]
+    assert "| mnist, custom: steps=10 (MNIST) | 75.0 (3/4) | — | 100.0 (4/4) | — |" in text
+
+
+def test_labelled_strips_are_copied_as_they_are(tmp_path):
+    from lightning_idlg.pictures import LAYOUT_KEY, LAYOUT_VALUE
+    from PIL import PngImagePlugin
+
+    run = write_run(tmp_path / "run", MNIST, progress=(2, 4, 28))   # geometry a plain strip would have
+    info = PngImagePlugin.PngInfo()
+    info.add_text(LAYOUT_KEY, LAYOUT_VALUE)
+    Image.new("RGB", (4 * 30 + 2, 2 * 30 + 2), (90, 140, 200)).save(run / "pictures" / "progress_00000.png",
+                                                                    pnginfo=info)
+    write_report([run], tmp_path / "out")
+    assert (tmp_path / "out" / "progress_00_run_00000.png").read_bytes() == (
+        run / "pictures" / "progress_00000.png").read_bytes()

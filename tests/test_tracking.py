@@ -17,10 +17,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from lightning_idlg import tracking
+from lightning_idlg.pictures import panel_canvas, to_uint8
 from lightning_idlg.results import summarize
+
+def _digits(size: int) -> torch.Tensor:
+    from lightning_idlg.data import digits
+
+    dataset = digits(image_size=size)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def _upscaled(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """(C, H, W) floats -> the (3, H*s, W*s) uint8 tile a picture shows."""
+    tile = to_uint8(image[None])[0].expand(3, -1, -1)
+    return tile.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+def _tile(picture: torch.Tensor, canvas, row: int, column: int) -> torch.Tensor:
+    (x, y), (h, w) = canvas.origins[row][column], canvas.tile
+    return picture[:, y:y + h, x:x + w]
+
 
 FAST = ["trials=2", "steps=3", "dataset=digits", "dataset.image_size=8", "optimizer.max_iter=2", "threads=1",
         "progress_bar=false", "pictures=false"]
@@ -106,12 +128,23 @@ def test_offline_wandb_run_holds_curves_panels_table_summary_config(tmp_path):
     # at its last step, 3
     panels = [h for h in run["history"] if "idlg/reconstructions._type" in h or "dlg/reconstructions._type" in h]
     assert [h["trainer/global_step"] for h in panels] == [2, 3, 5, 6]
+    truth = _digits(8)[[r["image_index"] for r in records if r["method"] == "dlg"]]
     for h in panels:
         key = "dlg" if "dlg/reconstructions.path" in h else "idlg"
         assert h[f"{key}/reconstructions._type"] == "image-file"
-        # 2 trials x (ground truth, reconstruction) of 8x8, padding 1: a 19 x 19 grid
-        assert (h[f"{key}/reconstructions.width"], h[f"{key}/reconstructions.height"]) == (19, 19)
-        assert (wandb_run / "files" / h[f"{key}/reconstructions.path"]).is_file()
+        # the panel as W&B stored it: 8-bit RGB over the full range, the ground-truth row equal to the
+        # private images (quantized as save_image does, upscaled by nearest neighbour) where the layout
+        # of the same panel puts them
+        attack_step = h["trainer/global_step"] - (0 if key == "dlg" else 3)
+        with Image.open(wandb_run / "files" / h[f"{key}/reconstructions.path"]) as stored:
+            panel = torch.from_numpy(np.array(stored.convert("RGB"))).permute(2, 0, 1)
+        assert stored.mode == "RGB" and panel.dtype == torch.uint8 and int(panel.max()) == 255
+        assert (h[f"{key}/reconstructions.width"], h[f"{key}/reconstructions.height"]) == stored.size
+        canvas = panel_canvas(key, attack_step, truth, truth, [0, 1])
+        assert canvas.image.size == stored.size and canvas.scale >= 4
+        for column in range(2):
+            assert torch.equal(_tile(panel, canvas, 0, column), _upscaled(truth[column], canvas.scale))
+        assert h[f"{key}/reconstructions.caption"].startswith(f"{key} at step {attack_step} of its batch")
 
     # the per-trial table: one row per trial and method, as in trials.jsonl
     (table_row,) = [h for h in run["history"] if h.get("trials._type") == "table-file"]
@@ -188,3 +221,41 @@ def test_spawned_ranks_keep_the_multirun_group(monkeypatch):
     cfg.logger.group = "mine"  # a group the user set wins
     assert rank_config(cfg).logger.group == "mine"
     assert rank_config(OmegaConf.create({"logger": None})).logger is None  # logger=none: nothing to group
+
+
+class _CapturingWandb(tracking.WandbLogger):
+    """A WandbLogger that keeps what it is asked to log (no W&B run)."""
+
+    def __init__(self):  # noqa: D107 - no super().__init__: nothing of W&B is started
+        self.image_every, self.image_trials, self.logged = 1, 3, []
+
+    def log_metrics(self, metrics, step=None):
+        self.logged.append((metrics, step))
+
+
+def test_panel_holds_the_reconstruction_in_0_255():
+    """The panel W&B gets is the 8-bit picture of the reconstruction: its PNG, read back, holds
+    round(255 x clamp(x', 0, 1)) in every pixel of each tile (NaN black), labelled method, step, trials."""
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.rand(4, 1, 8, 8, generator=generator)
+    dummy = 1.6 * torch.rand(4, 1, 8, 8, generator=generator) - 0.3   # some below 0, some above 1
+    dummy[1, 0, 2, 3] = float("nan")
+    logger = _CapturingWandb()
+    tracking.log_panel(logger, "idlg", truth, dummy, step=57, attack_step=7, trials=[32, 33, 34, 35])
+    ((metrics, step),) = logger.logged
+    image = metrics["idlg/reconstructions"]
+    assert step == 57 and image._caption.startswith("idlg at step 7 of its batch (chart step 57)")
+    assert "trials 32, 33, 34" in image._caption
+    with Image.open(image._path) as stored:
+        assert stored.format == "PNG" and stored.mode == "RGB"
+        panel = torch.from_numpy(np.array(stored)).permute(2, 0, 1)
+    canvas = panel_canvas("idlg", 7, truth[:3], dummy[:3], [32, 33, 34])
+    assert canvas.scale >= 4 and stored.size == canvas.image.size
+    for column in range(3):
+        assert torch.equal(_tile(panel, canvas, 0, column), _upscaled(truth[column], canvas.scale))
+        tile = _tile(panel, canvas, 1, column)
+        assert torch.equal(tile, _upscaled(dummy[column], canvas.scale))
+        expected = torch.nan_to_num(dummy[column, 0]).clamp(0, 1).mul(255).add(0.5).floor()
+        assert torch.equal(tile[0, ::canvas.scale, ::canvas.scale].float(), expected)   # independent of to_uint8
+    assert int(_tile(panel, canvas, 1, 1)[0, 2 * canvas.scale, 3 * canvas.scale]) == 0    # NaN: black
+    assert int(panel.max()) == 255 and int(panel.min()) == 0
