@@ -135,7 +135,7 @@ def engine_command(args, plan: dict, run_dir: Path) -> list[str]:
     ranks = ([f"trainer=ddp", f"trainer.devices={args.ranks}"] if args.ranks > 1 else [])
     threads = [f"threads={args.threads}"] if args.threads else []
     return [sys.executable, "-m", "lightning_idlg", f"experiment={args.preset}", "method=idlg", *dataset,
-            f"trials={args.trials}", f"seed={args.seed}", f"trials_per_batch={args.batch}", *ranks, *threads,
+            f"trials={args.trials}", f"seed={args.seed}", f"trials_per_group={args.batch}", *ranks, *threads,
             "pictures=false", "progress_trials=0", "progress_bar=false", f"hydra.run.dir={run_dir}", *args.override]
 
 
@@ -282,7 +282,7 @@ def main() -> None:
     command = engine_command(args, plan, run_dir)
     run = timed(command, out / "engine.log")
     rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
-    batches = sorted({r["batch_size"] for r in rows}, reverse=True)
+    batches = sorted({r.get("group_size", r.get("batch_size")) for r in rows}, reverse=True)
     speed["engine"] = report("engine", run, rows, f"{args.ranks} process(es) x {args.threads or 'default'} "
                              f"thread(s), trials per batch {args.batch} (batches of {batches})")
     print("engine command: " + " ".join(command[1:]))

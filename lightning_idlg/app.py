@@ -105,6 +105,7 @@ MOVED = {
     "model.init": "model/init (a group: model/init=uniform|default|checkpoint)",
     "label_rule": "attack.idlg.label_strategy.rule",
     "divergence_bound": "attack.<dlg|idlg>.stopping.divergence_bound",
+    "trials_per_batch": "trials_per_group (trials optimized at once; client.batch_size is the client's samples)",
 }
 
 

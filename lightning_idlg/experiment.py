@@ -47,8 +47,8 @@ METHOD_ORDER = ("dlg", "idlg")
 # K = 8 / 16 / 32 / 64: digits 1x28x28: 1.24 / 0.95 / 0.74 / 0.70 ms; the paper's 3x32x32, 100 classes:
 # 2.99 / 2.54 / 2.10 / 2.48 ms. 32 is the best or within 5% of it; beyond, the L-BFGS history (2 x K x 100 x
 # pixels floats) grows for nothing, and a larger batch waits longer for its slowest trial.
-CPU_TRIALS_PER_BATCH = 32
-GPU_TRIALS_PER_BATCH = 512
+CPU_TRIALS_PER_GROUP = 32
+GPU_TRIALS_PER_GROUP = 512
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if not isinstance(cfg.seed, int):
         raise ConfigError(f"seed must be an integer, got {cfg.seed!r}")
-    k = cfg.trials_per_batch
+    k = cfg.trials_per_group
     if not (k == "auto" or (isinstance(k, int) and k >= 1)):
-        raise ConfigError(f"trials_per_batch must be 'auto' or a positive integer, got {k!r}")
+        raise ConfigError(f"trials_per_group must be 'auto' or a positive integer, got {k!r}")
     if not cfg.get("attack"):
         raise ConfigError("attack is empty; valid: attack=dlg, attack=idlg, attack=both (or method=...)")
     validate_settings(cfg)  # every other setting, and the device, before any data is loaded
@@ -114,13 +114,13 @@ def _on_gpu(cfg: DictConfig) -> bool:
         cfg.trainer.get("accelerator") == "auto" and torch.cuda.is_available())
 
 
-def trials_per_batch(cfg: DictConfig, planned: int, world: int = 1) -> int:
+def trials_per_group(cfg: DictConfig, planned: int, world: int = 1) -> int:
     """K; `auto`: the device's constant, but no more than an even share of the planned trials per rank.
     Of the planned trials, not the pending ones: the group a trial runs in must not depend on what a
     resumed run has left to do (see `plan_batches`)."""
-    if cfg.trials_per_batch != "auto":
-        return int(cfg.trials_per_batch)
-    base = GPU_TRIALS_PER_BATCH if _on_gpu(cfg) else CPU_TRIALS_PER_BATCH
+    if cfg.trials_per_group != "auto":
+        return int(cfg.trials_per_group)
+    base = GPU_TRIALS_PER_GROUP if _on_gpu(cfg) else CPU_TRIALS_PER_GROUP
     return max(1, min(math.ceil(planned / world), base))
 
 
@@ -195,7 +195,7 @@ def run(cfg: DictConfig, run_dir: str | Path, files: dict[str, str] | None = Non
             per_method = ", ".join(f"{m} {sum((m, t.index) in done for t in trials)}" for m in methods)
             log.info("resuming: %s of %d trials already recorded in %s", per_method, len(trials),
                      run_dir / TRIALS_FILE)
-        batches = plan_batches(trials, trials_per_batch(cfg, len(trials), world), done, methods)
+        batches = plan_batches(trials, trials_per_group(cfg, len(trials), world), done, methods)
         # every image an attack will read, decoded once now: a bad file fails in seconds, not hours in
         dataset.check([i for batch in batches for t in batch for i in t.images])
         (run_dir / "pictures").mkdir(exist_ok=True)
@@ -571,7 +571,7 @@ def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch
             "evaluations": int(result.evaluations[row]),
             "restarts": int(result.restarts[row]),
             "seconds": result.seconds / len(batch),  # the group's wall time, shared among its trials
-            "batch_size": len(batch),
+            "group_size": len(batch),  # trials optimized together (trials_per_group), not the client batch
             "seed": cfg.seed,
             "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
             "client_batch_size": b,

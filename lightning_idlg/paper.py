@@ -86,18 +86,19 @@ PROTOCOL = {
     "client.batch_size": 1,
     "client.reduction": "mean",
     "defense": "none",
-    # the same settings in a config.yaml from before attacks were assembled from parts
-    "method.idlg.label_rule": "weight_sum",
-    "model.init": "uniform",
-    "model.init_scale": 0.5,
 }
+#: The same settings as a config.yaml from before attacks were assembled from parts names them.
+LEGACY = {"method.idlg.label_rule": "weight_sum", "model.init": "uniform", "model.init_scale": 0.5}
 #: What experiment=paper_*_improved adds to it.
 IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
-    """{"optimizer": {"lr": 1.0}} -> {"optimizer.lr": 1.0}; lists stay values."""
+    """{"optimizer": {"lr": 1.0}} -> {"optimizer.lr": 1.0}; lists stay values. The client's defenses also
+    as one value, `defense`: "none" or their names in order ("clip+gaussian")."""
     flat = {}
+    if not prefix and isinstance((config or {}).get("defense"), dict):
+        flat["defense"] = "+".join(config["defense"]) or "none"
     for key, value in (config or {}).items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
@@ -128,10 +129,8 @@ def differences(config: dict, reference: dict[str, object] = PROTOCOL) -> dict[s
     """The keys of `reference` whose value in `config` differs (missing keys count as equal; a method's
     keys only where that method ran), with the config's values."""
     flat = flatten(config)
-    if isinstance(config.get("defense"), dict):  # the client's defenses: "none", or their names in order
-        flat["defense"] = "+".join(config["defense"]) or "none"
     found = {}
-    for key, value in reference.items():
+    for key, value in {**reference, **(LEGACY if reference is PROTOCOL else {})}.items():
         section = key.split(".")[0]
         ran = config.get(section) if section in ("method", "attack") else None
         if isinstance(ran, dict) and key.split(".")[1] not in ran:

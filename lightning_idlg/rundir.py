@@ -40,10 +40,10 @@ FINGERPRINT_FILE = "fingerprint.json"
 CONFIG_FILE = "config.yaml"
 # keys that never change a record: where the run goes and how it shows progress, logs, places and threads its
 # work. `trials` may grow and `method` may gain a method (resume); each method's own settings stay in (see
-# `settings`). trials_per_batch and the trainer's device keys change a record only by float32 rounding.
+# `settings`). trials_per_group and the trainer's device keys change a record only by float32 rounding.
 EXCLUDE = (
     "hydra", "trials", "resume", "progress_bar", "progress_trials", "snapshot_every", "pictures", "threads",
-    "logger", "optimized_metric", "trials_per_batch",
+    "logger", "optimized_metric", "trials_per_group",
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
     "trainer.enable_checkpointing", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.num_sanity_val_steps",

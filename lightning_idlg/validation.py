@@ -108,6 +108,8 @@ def check_image_size(what: str, size) -> None:
 
 def _validate_model(cfg: DictConfig) -> None:
     factory = cfg.model.get("factory") or {}
+    if not str(factory.get("_target_", "")).startswith("lightning_idlg.victim.") or "target" in factory:
+        factory = {}  # an own model (model=custom, or a _target_ of yours) checks its own arguments
     if "activation" in factory:
         one_of("model.factory.activation", factory.activation, tuple(ACTIVATIONS))
     if "width" in factory:

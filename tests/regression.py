@@ -16,7 +16,9 @@ from PIL import Image
 
 FIELDS = ("method", "index", "image_index", "label", "predicted_label", "status", "steps", "evaluations",
           "restarts", "mse", "psnr", "ssim", "distance")
+# the paper's optimizer and stopping, which were the app's defaults when the records were stored
 COMMON = ("threads=1", "progress_bar=false", "pictures=false")
+PAPER = ("optimizer=lbfgs", "patience=null", "restarts=0")
 CASES = {
     # the paper protocol on the built-in digits (LeNet, 1x28x28, 10 classes)
     "digits_paper": ("trials=4", "steps=12"),
@@ -45,7 +47,7 @@ def write_folder(root: Path, classes: int = 20, per_class: int = 2) -> Path:
 def run_case(name: str, work: Path) -> list[dict]:
     folder = write_folder(work / "folder")
     out = work / name
-    args = [a.format(folder=folder) for a in CASES[name]]
+    args = [a.format(folder=folder) for a in (*PAPER, *CASES[name])]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     done = subprocess.run([sys.executable, "-m", "lightning_idlg", *args, *COMMON, f"hydra.run.dir={out}"],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -182,7 +182,7 @@ def test_module_entry_point_and_console_script_are_the_same_app(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("trials=0", "error: trials must be a positive integer, got 0"),
     ("steps=-3", "error: steps must be a positive integer, got -3"),
-    ("trials_per_batch=many", "error: trials_per_batch must be 'auto' or a positive integer, got 'many'"),
+    ("trials_per_group=many", "error: trials_per_group must be 'auto' or a positive integer, got 'many'"),
     ("dataset=mnist", "MNIST test files not found in"),
     ("dataset=digits", "dataset=digits ships with scikit-learn and reads no files"),  # the default has no root
 ])
@@ -227,12 +227,12 @@ def test_same_seed_same_results_and_batching_does_not_matter(tmp_path):
     def records(run_dir, *extra):
         run(cfg_of("trials=3", "steps=4", "dataset.image_size=16", "pictures=false", "progress_trials=0",
                    *extra), run_dir)
-        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "batch_size")}
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "group_size")}
                 for line in (run_dir / "trials.jsonl").read_text().splitlines()]
 
     first, again = records(tmp_path / "a"), records(tmp_path / "b")
     assert first == again
-    one_at_a_time = records(tmp_path / "c", "trials_per_batch=1")
+    one_at_a_time = records(tmp_path / "c", "trials_per_group=1")
     for a, b in zip(sorted(first, key=lambda r: (r["method"], r["index"])),
                     sorted(one_at_a_time, key=lambda r: (r["method"], r["index"]))):
         assert (a["method"], a["index"], a["image_index"], a["label"], a["predicted_label"]) == \

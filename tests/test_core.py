@@ -260,6 +260,7 @@ def test_a_new_defense_label_strategy_and_victim_are_one_module_and_one_yaml_eac
     ("method.idlg.label_rule=bias", "attack.idlg.label_strategy.rule"),
     ("model.init_scale=0.3", "model.init.scale"),
     ("method.dlg.divergence_bound=10", "attack.dlg.stopping.divergence_bound"),
+    ("trials_per_batch=4", "trials_per_group (trials optimized at once; client.batch_size is the client's samples)"),
 ])
 def test_a_moved_key_fails_with_one_line_naming_its_new_place(tmp_path, override, new_place):
     result = app(override, cwd=tmp_path)

@@ -15,12 +15,12 @@ from hydra import compose, initialize_config_module
 
 from lightning_idlg import experiment
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import Trial, merge_rank_files, start_method, trials_per_batch, world_size
+from lightning_idlg.experiment import Trial, merge_rank_files, start_method, trials_per_group, world_size
 from lightning_idlg.results import read_records
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "threads=1"]
 # what two runs of the same trials may differ in: timing, and how the trials were batched
-VARYING = {"seconds", "batch_size"}
+VARYING = {"seconds", "group_size"}
 
 
 def cfg_of(*overrides: str, hydra: bool = False):
@@ -34,7 +34,7 @@ def comparable(records: list[dict]) -> dict[tuple[str, int], dict]:
 
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])  # CPU ranks forked, or spawned
 def test_two_cpu_ranks_write_one_file_with_every_trial_once_and_the_one_process_results(tmp_path, strategy):
-    args = [*TINY, "method=both", "trials=6", "trials_per_batch=2"]
+    args = [*TINY, "method=both", "trials=6", "trials_per_group=2"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     shown = [a for a in args if a != "progress_bar=false"]  # rank 0's progress bar names its share
     done = subprocess.run([sys.executable, "-m", "lightning_idlg", "trainer=ddp", f"trainer.strategy={strategy}",
@@ -85,9 +85,9 @@ def test_world_size_and_auto_batch_size():
     assert world_size(cfg_of("trainer=ddp", "trainer.devices=3")) == 3
     assert world_size(cfg_of("trainer=gpu", "trainer.devices=[0,2]")) == 2
     # auto: the CPU constant, but an even share per rank when there are few trials
-    assert trials_per_batch(cfg_of(), 1000) == experiment.CPU_TRIALS_PER_BATCH
-    assert trials_per_batch(cfg_of("trainer=ddp"), 10, world=2) == 5
-    assert trials_per_batch(cfg_of("trainer=ddp", "trials_per_batch=3"), 10, world=2) == 3
+    assert trials_per_group(cfg_of(), 1000) == experiment.CPU_TRIALS_PER_GROUP
+    assert trials_per_group(cfg_of("trainer=ddp"), 10, world=2) == 5
+    assert trials_per_group(cfg_of("trainer=ddp", "trials_per_group=3"), 10, world=2) == 3
 
 
 @pytest.mark.parametrize("override,message", [

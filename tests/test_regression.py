@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from lightning_idlg.experiment import run
-from tests.regression import CASES, COMMON, FIELDS, write_folder
+from tests.regression import CASES, COMMON, FIELDS, PAPER, write_folder
 
 STORED = json.loads((Path(__file__).parent / "data" / "regression_main.json").read_text())
 EXACT = ("method", "index", "image_index", "label", "predicted_label", "status", "steps", "evaluations", "restarts")
@@ -20,7 +20,7 @@ EXACT = ("method", "index", "image_index", "label", "predicted_label", "status",
 
 def records_of(case: str, tmp_path: Path) -> list[dict]:
     folder = write_folder(tmp_path / "folder")
-    overrides = [a.format(folder=folder) for a in (*CASES[case], *COMMON)]
+    overrides = [a.format(folder=folder) for a in (*PAPER, *CASES[case], *COMMON)]
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     run(cfg, tmp_path / "run")

@@ -22,7 +22,7 @@ def record(method, index, mse, *, correct=True, status="converged", steps=10, ev
     r = {"method": method, "index": index, "image_index": index if image_index is None else image_index,
          "label": 3, "predicted_label": 3 if correct else 4, "label_correct": correct, "mse": mse,
          "psnr": psnr, "ssim": ssim, "distance": 1e-7, "status": status, "steps": steps,
-         "evaluations": evaluations, "seconds": seconds, "batch_size": 4, "seed": seed, "dataset": dataset}
+         "evaluations": evaluations, "seconds": seconds, "group_size": 4, "seed": seed, "dataset": dataset}
     if restarts is not None:   # records from before restarts have no such field
         r["restarts"] = restarts
     return r
@@ -337,7 +337,7 @@ def test_presets_are_the_protocols_the_report_names():
     default = composed()   # the quick look: improved stopping, 100 steps, no restarts
     assert paper.protocol_of(default) == ("improved", {"steps": 100, "restarts": 0})
     assert set(paper.differences(default)) == {"steps", "optimizer.line_search_fn", "patience"}
-    assert paper.protocol_of(composed("experiment=paper_mnist", "method=dlg", "method.dlg.divergence_bound=5")) == (
+    assert paper.protocol_of(composed("experiment=paper_mnist", "method=dlg", "attack.dlg.stopping.divergence_bound=5")) == (
         "paper", {})                                      # not a protocol key (but never pooled: below)
 
 

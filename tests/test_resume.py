@@ -51,12 +51,12 @@ def keys(run_dir: Path) -> list[tuple[str, int]]:
 def test_rerun_with_more_trials_computes_only_the_new_ones(tmp_path, attacks):
     # K fixed: the groups are chunks of the plan ([0, 1], [2, 3], [4, 5]); with auto, K = trials (<= 32) and the
     # rerun would run its one group [0..5] whole, appending only trials 4 and 5
-    experiment.run(cfg_of("method=idlg", "trials=4", "trials_per_batch=2"), tmp_path)
+    experiment.run(cfg_of("method=idlg", "trials=4", "trials_per_group=2"), tmp_path)
     first = lines(tmp_path)
     assert len(first) == 4 and attacks["idlg"] == 4
 
     attacks.clear()
-    summary = experiment.run(cfg_of("method=idlg", "trials=6", "trials_per_batch=2"), tmp_path)
+    summary = experiment.run(cfg_of("method=idlg", "trials=6", "trials_per_group=2"), tmp_path)
     assert attacks["idlg"] == 2  # trials 4 and 5 only
     after = lines(tmp_path)
     assert after[:4] == first  # the first 4 records are untouched, byte for byte
@@ -65,7 +65,7 @@ def test_rerun_with_more_trials_computes_only_the_new_ones(tmp_path, attacks):
     assert json.loads((tmp_path / "summary.json").read_text())["idlg"]["trials"] == 6
 
     attacks.clear()
-    experiment.run(cfg_of("method=idlg", "trials=6", "trials_per_batch=2"), tmp_path)
+    experiment.run(cfg_of("method=idlg", "trials=6", "trials_per_group=2"), tmp_path)
     assert attacks["idlg"] == 0 and lines(tmp_path) == after  # same trials: nothing computed, nothing written
 
 
@@ -108,7 +108,7 @@ def test_resume_reads_the_rank_files_of_an_interrupted_multi_rank_run(tmp_path, 
 
 
 def test_a_killed_run_loses_no_finished_trial_and_the_rerun_completes_it(tmp_path):
-    args = ["method=idlg", "trials=16", "trials_per_batch=1", "steps=20"]
+    args = ["method=idlg", "trials=16", "trials_per_group=1", "steps=20"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "lightning_idlg", *TINY, *args, f"hydra.run.dir={tmp_path}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -154,6 +154,6 @@ def test_nothing_of_a_finished_batch_stays_in_memory(tmp_path, monkeypatch):
         real_fit_start(self)
 
     monkeypatch.setattr(GradientInversion, "on_train_start", on_train_start)
-    experiment.run(cfg_of("method=idlg", "trials=4", "trials_per_batch=1"), tmp_path)
+    experiment.run(cfg_of("method=idlg", "trials=4", "trials_per_group=1"), tmp_path)
     assert len(modules) == 4 and alive_at_batch_start == [0, 0, 0, 0]
     assert len(lines(tmp_path)) == 4

@@ -55,14 +55,14 @@ def strict(text: str):
 # -- lock ---------------------------------------------------------------------------------------------------
 def test_a_second_run_into_a_busy_dir_stops_at_once_and_the_first_completes(tmp_path):
     out = tmp_path / "run"
-    first = app(*TINY, "trials=8", "steps=30", "trials_per_batch=1", f"hydra.run.dir={out}", cwd=tmp_path, wait=False)
+    first = app(*TINY, "trials=8", "steps=30", "trials_per_group=1", f"hydra.run.dir={out}", cwd=tmp_path, wait=False)
     try:
         deadline = time.monotonic() + 120
         while not ((out / ".lock").exists() and (out / ".lock").stat().st_size) and first.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
         started = time.monotonic()
-        second = app(*TINY, "trials=8", "steps=30", "trials_per_batch=1", f"hydra.run.dir={out}", cwd=tmp_path)
+        second = app(*TINY, "trials=8", "steps=30", "trials_per_group=1", f"hydra.run.dir={out}", cwd=tmp_path)
         elapsed = time.monotonic() - started
         assert first.poll() is None, "the first run ended before the second started: make it longer"
         line = error_line(second)
@@ -177,7 +177,7 @@ def comparable(record: dict) -> dict:
 
 @pytest.mark.parametrize("k", ["auto", "2"])
 def test_a_resumed_trial_gets_the_record_of_the_uninterrupted_run(tmp_path, k):
-    args = ["trials=5", "steps=8", f"trials_per_batch={k}"]
+    args = ["trials=5", "steps=8", f"trials_per_group={k}"]
     whole = tmp_path / "whole"
     experiment.run(cfg_of(*args), whole)
     reference = read_records(whole / "trials.jsonl")
