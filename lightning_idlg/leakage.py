@@ -62,15 +62,16 @@ def defense_point(record: dict) -> tuple[str, float | None]:
     return name, strength
 
 
-def _config_key(record: dict, run_config: dict) -> str:
-    """The record's fingerprint, or a hash of its run's config without the defense and placement keys."""
-    if record.get("fingerprint"):
-        base = record["fingerprint"]
-        return str(base.get(record["method"], base) if isinstance(base, dict) else base)
-    keep = {k: v for k, v in run_config.items() if k not in ("defense", "trials", "threads", "progress_bar",
-                                                           "pictures", "progress_trials", "logger", "trainer",
-                                                           "hydra", "dataset")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def _config_key(record: dict, run_config: dict, dropped: set[str]) -> str:
+    """What else made the record: its run's result-changing settings (report.setting: all but seed, trials
+    and run placement), less the row's own keys `dropped` and the run's other attacks, hashed. Records
+    pool only where this agrees."""
+    from lightning_idlg.report import setting  # report imports this module
+
+    method = record["method"]
+    kept = {k: v for k, v in setting(run_config).items()
+            if k not in dropped and not (k.startswith(("attack.", "method.")) and k.split(".")[1] != method)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def leakage_rows(runs) -> list[dict]:
@@ -80,7 +81,9 @@ def leakage_rows(runs) -> list[dict]:
     for run in runs:
         for record in run.records:
             name, strength = defense_point(record)
-            config = _config_key(record, {k: v for k, v in run.config.items()})
+            parts = name.split("+")
+            dropped = {"defense"} | {f"defense.{p}.{STRENGTH[p]}" for p in parts if p in STRENGTH}
+            config = _config_key(record, run.config, dropped)
             groups[Point(str(record.get("dataset")), name, strength, record["method"], config)].append(record)
     rows = []
     for point, records in sorted(groups.items(), key=lambda kv: _rank(kv[0])):
@@ -223,3 +226,66 @@ def _fmt(value, spec: str = "g") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return format(value, spec)
+
+
+# -- any axes: lightning-idlg-report --by KEY,KEY ------------------------------------------------------------
+def lookup(key: str, record: dict, flat_config: dict) -> tuple[str, object]:
+    """(full key, value) of a --by key for a record: the record's own field, its `axes`, then its run's
+    config; a short defense key finds its defense's (`defense.ratio` -> `defense.prune.ratio`). Value None
+    where it has none."""
+    axes = record.get("axes") or {}
+    for source in (record, axes, flat_config):
+        if key in source:
+            return key, source[key]
+    if key.startswith("defense.") and key.count(".") == 1:
+        for name, value in axes.items():
+            if name.startswith("defense.") and name.endswith("." + key.split(".")[1]):
+                return name, value
+    return key, None
+
+
+def by_rows(runs, keys: list[str]) -> list[dict]:
+    """One row per data set, value of each key in `keys`, attack and remaining config: trials, fidelity at
+    1e-3, median PSNR, label accuracy. A `config` hash tells rows apart whose keys agree but whose other
+    settings differ (they are never pooled)."""
+    from lightning_idlg import paper
+
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        flat = paper.flatten(run.config)
+        for record in run.records:
+            found = [lookup(k, record, flat) for k in keys]
+            values = tuple(value for _, value in found)
+            groups[str(record.get("dataset")), values, record["method"],
+                   _config_key(record, run.config, {name for name, _ in found})].append(record)
+    rows = []
+    for (dataset, values, method, config), records in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        n = len(records)
+        rows.append({"dataset": dataset, **dict(zip(keys, values)), "method": method, "config": config,
+                     "trials": n, "fidelity": sum(1 for r in records if float(r["mse"]) < 1e-3) / n,
+                     "psnr": median([float(r["psnr"]) for r in records]),
+                     "label_accuracy": sum(bool(r["label_correct"]) for r in records) / n})
+    counts = defaultdict(set)
+    for r in rows:
+        counts[tuple(r[k] for k in ("dataset", *keys, "method"))].add(r["config"])
+    for r in rows:
+        if len(counts[tuple(r[k] for k in ("dataset", *keys, "method"))]) == 1:
+            r["config"] = ""
+    return rows
+
+
+def by_section(rows: list[dict], keys: list[str]) -> list[str]:
+    if not rows:
+        return []
+    show_config = any(r["config"] for r in rows)
+    header = ["data set", *keys, "attack", "trials", "MSE < 1e-3", "PSNR (dB)", "label"] + (["config"] * show_config)
+    lines = [f"## By {', '.join(keys)}", "",
+             "Rows pool records whose settings agree on everything but the seed, the number of trials and where "
+             "they ran; a `config` hash tells apart rows whose keys agree but whose other settings differ.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["dataset"], *(_fmt(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys), r["method"],
+                 str(r["trials"]), f"{100 * r['fidelity']:.1f}%", _fmt(r["psnr"], ".1f"),
+                 f"{100 * r['label_accuracy']:.1f}%"]
+        lines.append("| " + " | ".join(cells + ([r["config"]] if show_config else [])) + " |")
+    return lines + [""]

@@ -46,7 +46,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from PIL import Image
 
-from lightning_idlg import paper
+from lightning_idlg import leakage, paper
 from lightning_idlg.metrics import FIDELITY_THRESHOLDS, median
 from lightning_idlg.pictures import LAYOUT_KEY, LAYOUT_VALUE
 from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summarize, unique
@@ -660,7 +660,7 @@ def notes(runs: list[Run], groups) -> list[str]:
 # -- entry point --------------------------------------------------------------------------------------
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG / iDLG report",
                  progress_trials: list[int] | None = None, progress_from: list[str | Path] | None = None,
-                 report_name: str = "report.md", preface: str = "") -> Path:
+                 report_name: str = "report.md", preface: str = "", by: list[str] | None = None) -> Path:
     """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`.
     `progress_from`: draw progress strips only of the runs at or below these paths ([]: none), e.g. only of
     the built-in images when the others' terms do not allow publishing reconstructions of them."""
@@ -680,8 +680,25 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
         plot_progress(strip, out)
     report = out / report_name
     no_strips = STRIPS_LEFT_OUT if progress_from == [] else NO_STRIPS
-    report.write_text(markdown(title, runs, groups, strips, notes(runs, groups), preface, no_strips))
+    text = markdown(title, runs, groups, strips, notes(runs, groups), preface, no_strips)
+    text += "\n".join(_axes_sections(runs, out, by or []))
+    report.write_text(text)
     return report
+
+
+def _axes_sections(runs: list[Run], out: Path, by: list[str]) -> list[str]:
+    """The defense section (where some run had a defense: leakage.csv, leakage.png) and the --by table."""
+    lines = []
+    rows = leakage.leakage_rows(runs)
+    if any(r["defense"] != "none" for r in rows):
+        write_csv(out / "leakage.csv", rows)
+        drawn = leakage.plot_leakage(rows, out / "leakage.png")
+        lines += ["", *leakage.markdown_section(rows, "leakage.png" if drawn else None)]
+    if by:
+        table = leakage.by_rows(runs, by)
+        write_csv(out / "by.csv", table)
+        lines += ["", *leakage.by_section(table, by)]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -701,13 +718,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress pictures at all")
     parser.add_argument("--report-name", default="report.md", help="file name of the markdown report")
     parser.add_argument("--preface", metavar="FILE", help="markdown put under the title (e.g. commands, notes)")
+    parser.add_argument("--by", metavar="KEY,KEY", help="also tabulate by these record or config keys, e.g. "
+                        "defense,defense.ratio or client.batch_size (rows never pool unlike configs)")
     args = parser.parse_args(argv)
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else "report")
     progress_from = [] if args.no_progress else args.progress_from
     try:
         preface = Path(args.preface).read_text() if args.preface else ""
+        by = [key.strip() for key in args.by.split(",") if key.strip()] if args.by else []
         report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from, args.report_name,
-                              preface)
+                              preface, by)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

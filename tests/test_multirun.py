@@ -65,3 +65,26 @@ def test_bad_optimized_metric_fails_before_running(tmp_path):
     assert last.startswith("error: optimized_metric='dlg/fidelity/1e-03' is not a metric of this run; valid: "
                            "idlg/trials, idlg/label_accuracy, idlg/fidelity/1e-02, ")
     assert not (tmp_path / "trials.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_a_defense_multirun_and_the_report_that_reads_it(tmp_path):
+    """`-m defense=none,gaussian,prune` (and a strength grid of one defense): one job per defense; the report
+    adds the leakage section (every defense, its strength, the client's cost) and the --by table."""
+    sweep = tmp_path / "sweep"
+    done = run_app("-m", "defense=none,gaussian,prune", "trials=2", f"hydra.sweep.dir={sweep}", *FAST[1:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    grid = tmp_path / "grid"
+    done = run_app("-m", "defense=gaussian", "defense.gaussian.variance=1e-4,1e-2", "trials=2",
+                   f"hydra.sweep.dir={grid}", *FAST[1:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    from lightning_idlg.report import main as report
+    out = tmp_path / "report"
+    assert report([str(sweep), str(grid), "--out", str(out), "--no-progress", "--by", "defense,defense.ratio"]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Leakage against defense strength" in text and "## By defense, defense.ratio" in text
+    rows = (out / "leakage.csv").read_text().splitlines()
+    found = {tuple(line.split(",")[1:4]) for line in rows[1:]}
+    assert {("none", "", "dlg"), ("gaussian", "0.001", "idlg"), ("gaussian", "0.0001", "dlg"),
+            ("gaussian", "0.01", "idlg"), ("prune", "0.2", "dlg")} <= found
+    assert (out / "leakage.png").stat().st_size > 1000 and (out / "by.csv").exists()
