@@ -660,7 +660,8 @@ def notes(runs: list[Run], groups) -> list[str]:
 # -- entry point --------------------------------------------------------------------------------------
 def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG / iDLG report",
                  progress_trials: list[int] | None = None, progress_from: list[str | Path] | None = None,
-                 report_name: str = "report.md", preface: str = "", by: list[str] | None = None) -> Path:
+                 report_name: str = "report.md", preface: str = "", by: list[str] | None = None,
+                 defenses_only: bool = False) -> Path:
     """Read every trials.jsonl below `run_dirs` and write report.md, the CSVs and the PNGs into `out`.
     `progress_from`: draw progress strips only of the runs at or below these paths ([]: none), e.g. only of
     the built-in images when the others' terms do not allow publishing reconstructions of them."""
@@ -670,18 +671,27 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
         raise FileNotFoundError("the trials.jsonl files found hold no records: " + ", ".join(map(str, run_dirs)))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "label_accuracy.csv", label_accuracy_rows(groups))
-    write_csv(out / "fidelity.csv", fidelity_rows(groups))
-    write_csv(out / "convergence.csv", convergence_rows(groups))
-    plot_fidelity(groups, out / "fidelity.png")
-    shown = runs if progress_from is None else [r for r in runs if _under(r.path, progress_from)]
-    strips = choose_strips(shown, progress_trials)
-    for strip in strips:
-        plot_progress(strip, out)
+    strips = []
+    if not defenses_only:  # (a defenses page shares docs/ with results.md: leave its files alone)
+        write_csv(out / "label_accuracy.csv", label_accuracy_rows(groups))
+        write_csv(out / "fidelity.csv", fidelity_rows(groups))
+        write_csv(out / "convergence.csv", convergence_rows(groups))
+        plot_fidelity(groups, out / "fidelity.png")
+        shown = runs if progress_from is None else [r for r in runs if _under(r.path, progress_from)]
+        strips = choose_strips(shown, progress_trials)
+        for strip in strips:
+            plot_progress(strip, out)
     report = out / report_name
     no_strips = STRIPS_LEFT_OUT if progress_from == [] else NO_STRIPS
     text = markdown(title, runs, groups, strips, notes(runs, groups), preface, no_strips)
     text += "\n".join(_axes_sections(runs, out, by or []))
+    if defenses_only:  # docs/defenses.md: the runs, the leakage section, the --by table, how it was made
+        parts = text.split("\n## ")[1:]
+        order = ("Runs", "Leakage against", "By ", "Made with")
+        kept = sorted((p.rstrip("\n") + "\n" for p in parts if p.startswith(order)),
+                      key=lambda p: [p.startswith(o) for o in order].index(True))
+        text = "\n".join([f"# {title}\n", *([preface.strip() + "\n"] if preface.strip() else []),
+                          *("## " + p for p in kept)])
     report.write_text(text)
     return report
 
@@ -718,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress pictures at all")
     parser.add_argument("--report-name", default="report.md", help="file name of the markdown report")
     parser.add_argument("--preface", metavar="FILE", help="markdown put under the title (e.g. commands, notes)")
+    parser.add_argument("--defenses-only", action="store_true",
+                        help="write only the runs, the leakage-against-defense-strength section and --by tables")
     parser.add_argument("--by", metavar="KEY,KEY", help="also tabulate by these record or config keys, e.g. "
                         "defense,defense.ratio or client.batch_size (rows never pool unlike configs)")
     args = parser.parse_args(argv)
@@ -727,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         preface = Path(args.preface).read_text() if args.preface else ""
         by = [key.strip() for key in args.by.split(",") if key.strip()] if args.by else []
         report = write_report(args.run_dirs, out, args.title, args.progress_trials, progress_from, args.report_name,
-                              preface, by)
+                              preface, by, args.defenses_only)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -56,3 +56,24 @@ def test_a_chain_takes_the_strength_of_its_noise_and_dpsgd_reports_epsilon(tmp_p
     rows = leakage_rows([Run(Path("a"), [dp, record("idlg", "none", 1e-6, 60.0)])])
     assert rows[-1]["defense"] == "dpsgd" and 0 < rows[-1]["epsilon"] < 10
     assert plot_leakage(rows, tmp_path / "leak.png") and (tmp_path / "leak.png").stat().st_size > 1000
+
+
+def test_a_defenses_only_page_leaves_the_results_pages_files_alone(tmp_path):
+    import json
+
+    from lightning_idlg.report import write_report
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [record("idlg", "none", 1e-6, 60.0), record("idlg", "prune", 1e-4, 40.0, ratio=0.5)]
+    (run / "trials.jsonl").write_text("".join(json.dumps({**r, "index": i, "label": 1, "predicted_label": 1,
+                                                          "status": "converged", "steps": 3, "evaluations": 9,
+                                                          "seconds": 0.1, "ssim": 0.9, "distance": 1e-7})
+                                              + "\n" for i, r in enumerate(rows)))
+    out = tmp_path / "docs"
+    out.mkdir()
+    (out / "fidelity.png").write_bytes(b"results.md's figure")
+    page = write_report([run], out, "Defenses", report_name="defenses.md", defenses_only=True, by=["defense"])
+    text = page.read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        "## Runs", "## Leakage against defense strength", "## By defense", "## Made with"]
+    assert (out / "fidelity.png").read_bytes() == b"results.md's figure" and (out / "leakage.csv").exists()
