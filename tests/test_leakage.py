@@ -41,10 +41,14 @@ def test_a_leak_that_does_not_stop_where_the_paper_says_it_does_is_contradicted(
 
 
 def test_unlike_configs_are_never_pooled():
-    a = record("idlg", "gaussian", 1e-4, 40.0, fingerprint="aaaa", variance=1e-3)
-    b = record("idlg", "gaussian", 1e-1, 9.0, fingerprint="bbbb", variance=1e-3)
-    rows = leakage_rows([Run(Path("a"), [a]), Run(Path("b"), [b])])
-    assert len(rows) == 2 and {r["config"] for r in rows} == {"aaaa", "bbbb"}
+    """Two runs that differ in steps are two rows; two that differ only in seed, trials or threads pool."""
+    a = record("idlg", "gaussian", 1e-4, 40.0, variance=1e-3)
+    b = record("idlg", "gaussian", 1e-1, 9.0, variance=1e-3)
+    rows = leakage_rows([Run(Path("a"), [a], {"steps": 300, "seed": 0}), Run(Path("b"), [b], {"steps": 10, "seed": 0})])
+    assert len(rows) == 2 and all(len(r["config"]) == 8 for r in rows) and rows[0]["config"] != rows[1]["config"]
+    pooled = leakage_rows([Run(Path("a"), [a], {"steps": 300, "seed": 0, "trials": 5}),
+                           Run(Path("b"), [b], {"steps": 300, "seed": 1, "threads": 2})])
+    assert len(pooled) == 1 and pooled[0]["trials"] == 2 and pooled[0]["config"] == ""
     assert any(line.endswith("| config |") for line in markdown_section(rows, None))
 
 
