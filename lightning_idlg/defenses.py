@@ -69,7 +69,25 @@ class NoDefense(Defense):
         return gradients
 
 
-class GaussianNoise(Defense):
+class _AdditiveNoise(Defense):
+    """g + n with n i.i.d. per entry of zero mean and the given VARIANCE (`_draw` says of which law)."""
+
+    parameters = ("variance",)
+
+    def __init__(self, variance: float):
+        self.variance = _number(f"defense.{self.name}.variance", variance, "a number >= 0 (a variance; the "
+                                "DLG paper's grid is 1e-4 .. 1e-1)", lambda v: v >= 0)
+
+    def _apply(self, gradients: Gradients, seeds: list[int]) -> Gradients:
+        if self.variance == 0:
+            return gradients
+        return _add_noise(gradients, seeds, self._draw)
+
+    def _draw(self, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+        raise NotImplementedError
+
+
+class GaussianNoise(_AdditiveNoise):
     """g + n, n ~ N(0, variance) i.i.d. per entry (std = sqrt(variance)).
 
     `variance` is a VARIANCE, as in the DLG paper, whose grid is 1e-4 .. 1e-1 (1e-4 does not stop the
@@ -77,42 +95,21 @@ class GaussianNoise(Defense):
     """
 
     name = "gaussian"
-    parameters = ("variance",)
 
-    def __init__(self, variance: float):
-        self.variance = _number(f"defense.{self.name}.variance", variance, "a number >= 0 (a variance; the "
-                                "DLG paper's grid is 1e-4 .. 1e-1)", lambda v: v >= 0)
-
-    def _apply(self, gradients: Gradients, seeds: list[int]) -> Gradients:
-        if self.variance == 0:
-            return gradients
-        std = math.sqrt(self.variance)
-        return _add_noise(gradients, seeds, lambda shape, dtype, gen: torch.randn(shape, generator=gen,
-                                                                                 dtype=dtype) * std)
+    def _draw(self, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+        return torch.randn(shape, generator=gen, dtype=dtype) * math.sqrt(self.variance)
 
 
-class LaplaceNoise(Defense):
+class LaplaceNoise(_AdditiveNoise):
     """g + n, n ~ Laplace(0, b) i.i.d. per entry with b = sqrt(variance / 2): Laplace(b) has variance
     2 b^2, so `variance` is the VARIANCE, comparable with GaussianNoise's (DLG paper's grid 1e-4 .. 1e-1).
     Drawn as b (E1 - E2) with E1, E2 ~ Exp(1) independent (exact, and the generator takes no scale)."""
 
     name = "laplace"
-    parameters = ("variance",)
 
-    def __init__(self, variance: float):
-        self.variance = _number(f"defense.{self.name}.variance", variance, "a number >= 0 (a variance; the "
-                                "DLG paper's grid is 1e-4 .. 1e-1)", lambda v: v >= 0)
-
-    def _apply(self, gradients: Gradients, seeds: list[int]) -> Gradients:
-        if self.variance == 0:
-            return gradients
-        scale = math.sqrt(self.variance / 2)
-
-        def draw(shape: torch.Size, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
-            pair = torch.empty((2, *shape), dtype=dtype).exponential_(generator=gen)
-            return (pair[0] - pair[1]) * scale
-
-        return _add_noise(gradients, seeds, draw)
+    def _draw(self, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+        pair = torch.empty((2, *shape), dtype=dtype).exponential_(generator=gen)
+        return (pair[0] - pair[1]) * math.sqrt(self.variance / 2)
 
 
 class NormClip(Defense):
