@@ -105,6 +105,6 @@ def test_paper_grid_runs_are_the_paper_experiments():
             paper = compose("config", overrides=[f"experiment=paper_{dataset}"])
             for method in ("dlg", "idlg"):
                 grid = compose("config", overrides=[f"experiment=paper_{dataset}", f"method={method}"])
-                assert list(grid.method) == [method] and grid.method[method] == paper.method[method]
-                assert {k: v for k, v in grid.items() if k != "method"} == \
-                       {k: v for k, v in paper.items() if k != "method"}, dataset
+                assert list(grid.attack) == [method] and grid.attack[method] == paper.attack[method]
+                assert {k: v for k, v in grid.items() if k != "attack"} == \
+                       {k: v for k, v in paper.items() if k != "attack"}, dataset
