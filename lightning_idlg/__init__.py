@@ -12,6 +12,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from lightning_idlg.api import Reconstruction, attack, show  # noqa: E402  (after OMP_WAIT_POLICY, see above)
-
 __all__ = ["Reconstruction", "attack", "show", "__version__"]
+
+
+def __getattr__(name: str):
+    """`from lightning_idlg import attack, show` (the Python API, lightning_idlg.api), imported on first use:
+    the app takes its run dir's lock before torch is imported, so a refused run stops in about a second."""
+    if name in ("Reconstruction", "attack", "show"):
+        from lightning_idlg import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lightning_idlg' has no attribute {name!r}")

@@ -97,3 +97,12 @@ def test_an_own_model_through_the_cli_gets_only_the_arguments_it_takes(tmp_path)
                   cwd=tmp_path)
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode == 2 and len(errors) == 1 and "cannot be imported" in errors[0], bad.stderr[-1500:]
+
+
+def test_importing_the_package_imports_no_torch():
+    """The app takes its run dir's lock before torch is imported (a refused run stops in under a second):
+    the package's API is imported on first use only."""
+    done = subprocess.run([sys.executable, "-c", "import sys, lightning_idlg, lightning_idlg.app; "
+                           "print('torch' in sys.modules, 'lightning' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["False", "False"], done.stdout + done.stderr[-1000:]
