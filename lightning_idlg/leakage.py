@@ -120,6 +120,7 @@ def plot_leakage(rows: list[dict], path: Path) -> bool:
     """Fidelity at 1e-3 (top) and median PSNR (bottom) against strength, one column per defense that has a
     strength, a line per data set and attack (the undefended value dotted). False when nothing to draw."""
     import matplotlib
+    import matplotlib.lines
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,6 +130,9 @@ def plot_leakage(rows: list[dict], path: Path) -> bool:
         return False
     figure, axes = plt.subplots(2, len(defenses), figsize=(3.2 * len(defenses), 5.6), squeeze=False)
     baseline = {(r["dataset"], r["method"]): r for r in rows if r["defense"] == "none"}
+    # one colour per data set and attack in every panel (and its undefended value dotted in that colour)
+    lines_of = sorted({(r["dataset"], r["method"]) for r in rows})
+    colours = {key: f"C{i % 10}" for i, key in enumerate(lines_of)}
     for col, defense in enumerate(defenses):
         lines = defaultdict(list)
         for r in rows:
@@ -138,11 +142,11 @@ def plot_leakage(rows: list[dict], path: Path) -> bool:
             points.sort(key=lambda r: r["strength"])
             x = [r["strength"] for r in points]
             for row, key in ((0, "fidelity"), (1, "psnr")):
-                drawn = axes[row, col].plot(x, [r[key] for r in points], marker="o", ms=3,
-                                            linestyle="-" if method == "idlg" else "--",
-                                            label=f"{dataset} {method.upper() if len(method) < 5 else method}")
+                axes[row, col].plot(x, [r[key] for r in points], marker="o", ms=3, color=colours[dataset, method],
+                                    linestyle="-" if method == "idlg" else "--")
                 if (dataset, method) in baseline:
-                    axes[row, col].axhline(baseline[dataset, method][key], color=drawn[0].get_color(), lw=0.6, ls=":")
+                    axes[row, col].axhline(baseline[dataset, method][key], color=colours[dataset, method], lw=0.6,
+                                           ls=":")
         for row, label in ((0, "fidelity (MSE < 1e-3)"), (1, "median PSNR (dB)")):
             axes[row, col].set_xscale("log" if defense in ("gaussian", "laplace", "dpsgd") else "linear")
             axes[row, col].set_xlabel(f"{defense}.{STRENGTH[defense]}")
@@ -151,8 +155,10 @@ def plot_leakage(rows: list[dict], path: Path) -> bool:
                 axes[row, col].set_ylabel(label)
         axes[0, col].set_title(defense)
         axes[0, col].set_ylim(-0.03, 1.03)
-    axes[0, 0].legend(fontsize=7)
-    figure.tight_layout()
+    handles = [matplotlib.lines.Line2D([], [], color=colours[d, m], marker="o", ms=3,
+                                       linestyle="-" if m == "idlg" else "--", label=f"{d} {m}") for d, m in lines_of]
+    figure.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.94))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return True
