@@ -176,7 +176,12 @@ def make_victim(factory: Callable[..., nn.Module], init: Callable[[nn.Module], n
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        model = factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+        try:
+            model = factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+        except TypeError as err:  # e.g. model.factory._target_=MyNet beside lenet's activation and width keys
+            raise ConfigError(f"model.factory could not build the victim ({err}); for a class of your own use "
+                              "model=custom model.factory.target=<import path>, which passes only the arguments "
+                              "it takes") from None
         return init(model)
 
 

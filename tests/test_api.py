@@ -106,3 +106,11 @@ def test_importing_the_package_imports_no_torch():
                            "print('torch' in sys.modules, 'lightning' in sys.modules)"],
                           capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "False"], done.stdout + done.stderr[-1000:]
+
+
+def test_an_own_class_given_as_the_lenet_factory_gets_one_line_pointing_to_model_custom(tmp_path):
+    done = run_cli("model.factory._target_=tests.toys.TinyNet", "dataset.image_size=8", "trials=1", "steps=1",
+                   "progress_bar=false", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-1500:]
+    assert "unexpected keyword argument 'activation'" in errors[0] and "model=custom model.factory.target=" in errors[0]
