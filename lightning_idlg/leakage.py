@@ -90,16 +90,21 @@ def leakage_rows(runs) -> list[dict]:
         n = len(records)
         rows.append({
             "dataset": point.dataset, "defense": point.defense, "strength": point.strength, "method": point.method,
-            "config": point.config, "trials": n,
-            "fidelity": sum(1 for r in records if float(r["mse"]) < 1e-3) / n,
-            "psnr": median([float(r["psnr"]) for r in records]),
-            "label_accuracy": sum(bool(r["label_correct"]) for r in records) / n,
+            "config": point.config, **_leak(records),
             "cosine": _mean([r.get("defense_cosine") for r in records]),
             "relative_error": _mean([r.get("defense_relative_error") for r in records]),
             "epsilon": _epsilon(records[0]) if "dpsgd" in point.defense else None,
         })
-    _drop_config_where_unique(rows)
+    _drop_config_where_unique(rows, ("dataset", "defense", "strength", "method"))
     return rows
+
+
+def _leak(records: list[dict]) -> dict:
+    """What leaks over `records`: trials, share with MSE < 1e-3, median PSNR, label accuracy."""
+    n = len(records)
+    return {"trials": n, "fidelity": sum(1 for r in records if float(r["mse"]) < 1e-3) / n,
+            "psnr": median([float(r["psnr"]) for r in records]),
+            "label_accuracy": sum(bool(r["label_correct"]) for r in records) / n}
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
@@ -211,13 +216,13 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _drop_config_where_unique(rows: list[dict]) -> None:
-    """The config column only matters where one (data set, defense, strength, attack) has several."""
+def _drop_config_where_unique(rows: list[dict], keys: tuple[str, ...]) -> None:
+    """The config column only matters where rows agreeing on `keys` have several configs."""
     counts = defaultdict(set)
     for r in rows:
-        counts[r["dataset"], r["defense"], r["strength"], r["method"]].add(r["config"])
+        counts[tuple(r[k] for k in keys)].add(r["config"])
     for r in rows:
-        if len(counts[r["dataset"], r["defense"], r["strength"], r["method"]]) == 1:
+        if len(counts[tuple(r[k] for k in keys)]) == 1:
             r["config"] = ""
 
 
@@ -266,17 +271,9 @@ def by_rows(runs, keys: list[str]) -> list[dict]:
                    _config_key(record, run.config, {name for name, _ in found})].append(record)
     rows = []
     for (dataset, values, method, config), records in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        n = len(records)
         rows.append({"dataset": dataset, **dict(zip(keys, values)), "method": method, "config": config,
-                     "trials": n, "fidelity": sum(1 for r in records if float(r["mse"]) < 1e-3) / n,
-                     "psnr": median([float(r["psnr"]) for r in records]),
-                     "label_accuracy": sum(bool(r["label_correct"]) for r in records) / n})
-    counts = defaultdict(set)
-    for r in rows:
-        counts[tuple(r[k] for k in ("dataset", *keys, "method"))].add(r["config"])
-    for r in rows:
-        if len(counts[tuple(r[k] for k in ("dataset", *keys, "method"))]) == 1:
-            r["config"] = ""
+                     **_leak(records)})
+    _drop_config_where_unique(rows, ("dataset", *keys, "method"))
     return rows
 
 
