@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -156,8 +157,10 @@ def make_plan(args) -> dict:
     root = Path(args.data).resolve()
     data = {"name": "cifar100", "root": str(root)} if (root / "test").is_dir() else {"name": "faces", "root": None}
     size = len(load_dataset(data))
-    trials = plan_trials(OmegaConf.create({"trials": args.trials, "seed": args.seed}), size)
-    return {"data": data, "trials": [{"index": t.index, "image_index": t.image_index,
+    # one image per trial (client.batch_size 1), as the reference runs
+    cfg = OmegaConf.create({"trials": args.trials, "seed": args.seed, "client": {"batch_size": 1}})
+    trials = plan_trials(cfg, size)
+    return {"data": data, "trials": [{"index": t.index, "image_index": t.images[0],
                                       "victim_seed": t.victim_seed, "dummy_seed": t.dummy_seed} for t in trials]}
 
 
@@ -186,27 +189,45 @@ def memory_kb(pid: int, field: str) -> int:
 
 def timed(command: list[str], log_file: Path) -> dict:
     """Run `command`, sampling the memory of its process tree every 0.2 s; wall time end to end."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    return timed_group([command], [log_file])
+
+
+def timed_group(commands: list[list[str]], log_files: list[Path], env: dict | None = None) -> dict:
+    """Run `commands` at once and wait for all, sampling the memory of their process trees every 0.2 s.
+    Returns wall time end to end, peak memory (RSS of the largest process, PSS summed over all) and
+    `cpu`: user + system CPU seconds of the commands and every descendant they waited for (getrusage of
+    this process's children, so run one group at a time)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
     peak = {"rss_mb": 0.0, "pss_mb": 0.0}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    with open(log_file, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    logs = [open(f, "w") for f in log_files]
+    try:
+        procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                 for c, log in zip(commands, logs)]
 
         def sample():
-            while proc.poll() is None:
-                pids = tree(proc.pid)
+            while any(p.poll() is None for p in procs):
+                pids = [pid for p in procs for pid in tree(p.pid)]
                 peak["rss_mb"] = max(peak["rss_mb"], max(memory_kb(p, "VmRSS") for p in pids) / 1024)
                 peak["pss_mb"] = max(peak["pss_mb"], sum(memory_kb(p, "Pss") for p in pids) / 1024)
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        proc.wait()
+        for p in procs:
+            p.wait()
         sampler.join()
+    finally:
+        for log in logs:
+            log.close()
     wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        sys.exit(f"failed ({proc.returncode}): {' '.join(command)}\n{log_file.read_text()[-3000:]}")
-    return {"wall": wall, **peak}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for p, command, log_file in zip(procs, commands, log_files):
+        if p.returncode != 0:
+            sys.exit(f"failed ({p.returncode}): {' '.join(command)}\n{Path(log_file).read_text()[-3000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, **peak}
 
 
 def report(name: str, run: dict, rows: list[dict], detail: str) -> float:
