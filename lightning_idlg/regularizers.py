@@ -11,10 +11,11 @@ import copy
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 from torchmetrics.functional.image import total_variation
 
 from lightning_idlg.errors import ConfigError
+from lightning_idlg.objective import over_trials
 
 
 class TotalVariation:
@@ -70,7 +71,7 @@ class BatchNormPrior:
                               f"{type(model).__name__} has none")
         for name in self.layers:
             self.model.get_submodule(name).register_forward_hook(self._capture(name))
-        self._per_trial = vmap(self._one_trial)
+        self._per_trial = over_trials(self._one_trial)
 
     def _capture(self, name: str):
         def hook(module, inputs, output):

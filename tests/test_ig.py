@@ -302,3 +302,26 @@ def test_ig_and_the_batchnorm_prior_run_end_to_end(tmp_path):
                   "attack.ig.regularizers.bn.weight=0.1", "dataset.image_size=8", f"hydra.run.dir={tmp_path}/x",
                   cwd=tmp_path)
     assert refused.returncode != 0 and "client.share_buffers=true" in refused.stderr
+
+
+# --- one network for all trials ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["squared_l2", "cosine"])
+def test_one_network_for_all_trials_enters_unbatched_with_the_same_numbers(objective):
+    """A checkpoint's weights are one tensor viewed K times (stride 0); D takes them unbatched (one
+    convolution over all trials' inputs) and must equal D over K materialized copies."""
+    from lightning_idlg.objective import SquaredL2
+    net = make_victim(LeNet, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=3).double()
+    one = {n: p.detach()[None].expand(K, *p.shape) for n, p in net.named_parameters()}
+    copies = {n: t.clone() for n, t in one.items()}
+    g = torch.Generator().manual_seed(8)
+    shared = {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in copies.items()}
+    x = torch.rand(K, 1, 3, SIDE, SIDE, generator=g, dtype=torch.float64, requires_grad=True)
+    probs = F.one_hot(torch.tensor([[1], [4], [7]]), CLASSES).double()
+    part = SquaredL2() if objective == "squared_l2" else CosineSimilarity()
+    for shape in (None, (3, SIDE, SIDE)):
+        d = part.build(net, shape)
+        a, b = d(one, shared, x, probs), d(copies, shared, x, probs)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(torch.autograd.grad(a.sum(), x)[0], torch.autograd.grad(b.sum(), x)[0],
+                                   rtol=1e-10, atol=1e-14)
