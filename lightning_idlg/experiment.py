@@ -247,12 +247,19 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     tracking.log_run_results(logger, store.records(), summary, run_dir, step_offset)  # config, summary, table
     print_summary(summary, Console())  # the result goes to stdout; progress went to stderr
     differences = paper.differences(OmegaConf.to_container(cfg, resolve=True))
-    if differences:  # a quick look (the default) or a variant: say how to run the paper's own protocol
-        log.info("Not the paper protocol: %s differ%s.", ", ".join(k.rsplit(".", 1)[-1] for k in differences),
+    if differences and set(cfg.attack) & {"dlg", "idlg"}:  # a quick look or a variant of the paper's attacks:
+        # say how to run the paper's own protocol (another attack, e.g. ig, has no paper preset here)
+        log.info("Not the paper protocol: %s differ%s.", ", ".join(_short(k) for k in differences),
                  "s" if len(differences) == 1 else "")
         log.info("Paper: lightning-idlg experiment=paper_mnist dataset.root=/path/to/mnist")
     log.info("outputs: %s", run_dir)  # trials.jsonl, summary.json, pictures/, the log (outputs/README.md)
     return summary
+
+
+def _short(key: str) -> str:
+    """A differing key for the console: its last part, or its last two where the last says little."""
+    parts = key.split(".")
+    return ".".join(parts[-2:]) if parts[-1] == "_target_" and len(parts) > 1 else parts[-1]
 
 
 def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[Trial]], done, store: TrialStore,

@@ -9,8 +9,11 @@ each a Hydra `_target_` node of configs/attack/<name>.yaml:
 - `objective`: the gradient-matching distance D (lightning_idlg.objective, squared L2 with its fast routes);
 - `regularizers`: terms of x' added to D with their weights (lightning_idlg.regularizers; none in DLG/iDLG);
 - `optimizer`: per-trial optimizer factory (lightning_idlg.optim, L-BFGS in the paper);
-- `stopping`: steps, tolerance, patience, restarts (lightning_idlg.stopping).
-So DLG and iDLG differ only in their `label_strategy` part, and a new attack is new parts and a YAML file.
+- `stopping`: steps, tolerance, patience, restarts, which iterate is kept (lightning_idlg.stopping);
+- `box`: the data's value range (lo, hi); x' is clamped into it after every step (Inverting Gradients), or
+  null (DLG, iDLG).
+So DLG and iDLG differ only in their `label_strategy` part, and a new attack is new parts and a YAML file
+(Inverting Gradients: configs/attack/ig.yaml).
 
 It attacks K trials at once; every trial has its own victim weights, client batch of B dummies, optimizer
 state and stopping, so results do not depend on K. One Lightning training step is one optimizer step (an
@@ -25,7 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from lightning_idlg.client import SharedGradient
 from lightning_idlg.dummy import GaussianDummy
+from lightning_idlg.errors import ConfigError
 from lightning_idlg.labels import LabelStrategy
 from lightning_idlg.objective import SquaredL2
 from lightning_idlg.stopping import Stopping
@@ -64,7 +68,7 @@ class GradientInversion(pl.LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer], stopping: Stopping | None = None,
                  objective=None, dummy=None, regularizers: Mapping[str, Callable] | None = None,
                  name: str = "attack", dummy_seeds: list[int] | None = None, snapshot_every: int = 10,
-                 snapshot_trials: int = 0):
+                 snapshot_trials: int = 0, box: Sequence[float] | None = None):
         super().__init__()
         if not isinstance(shared, SharedGradient):
             raise TypeError("GradientInversion takes a SharedGradient record (what the client shared) only")
@@ -76,7 +80,10 @@ class GradientInversion(pl.LightningModule):
         self.method, self.label_strategy = name, label_strategy
         self.stopping = stopping if stopping is not None else Stopping()
         self.dummy_part = dummy if dummy is not None else GaussianDummy()
-        self.regularizers = dict(regularizers or {})
+        # a prior with weight 0 is off (not computed): e.g. Inverting Gradients' BatchNorm prior by default
+        self.regularizers = {name: r for name, r in (regularizers or {}).items()
+                             if r is not None and getattr(r, "weight", 1) != 0}
+        self.box = _box(box)
         self.snapshot_every, self.snapshot_trials = snapshot_every, snapshot_trials
         self.optimizer_factory = optimizer
         k = self.trials = shared.trials
@@ -98,6 +105,9 @@ class GradientInversion(pl.LightningModule):
             self.dummy_label = nn.Parameter(logits)
         else:
             self.register_buffer("label", label_strategy.restore(shared))
+        for regularizer in self.regularizers.values():
+            if hasattr(regularizer, "bind"):  # a prior on the victim's internals (BatchNormPrior)
+                regularizer.bind(self.model, shared)
 
         self.register_buffer("distance", torch.full((k,), float("inf")))
         self.register_buffer("steps_used", torch.zeros(k, dtype=torch.long))
@@ -109,6 +119,11 @@ class GradientInversion(pl.LightningModule):
         # patience: the distance D last halved to, and the attempt step when that happened
         self.register_buffer("anchor_distance", torch.full((k,), float("inf")))
         self.register_buffer("anchor_step", torch.zeros(k, dtype=torch.long))
+        if self.stopping.keep == "best":  # the lowest objective seen and the iterate it was measured at
+            self.register_buffer("best_distance", torch.full((k,), float("inf")))
+            self.register_buffer("best_dummy", self.dummy.detach().clone())
+            if label_strategy.learned:
+                self.register_buffer("best_label", self.dummy_label.detach().clone())
         self.snapshots: dict[int, torch.Tensor] = {}
         self._gathered: dict[tuple, tuple[dict, dict, dict]] = {}  # see _held_rows
         self.gathers = 0
@@ -161,7 +176,10 @@ class GradientInversion(pl.LightningModule):
         x = self.dummy[rows]
         d = self._distance(weights, targets, x, self.label_probs(rows), buffers)
         for regularizer in self.regularizers.values():
-            d = d + regularizer(x)
+            if getattr(regularizer, "uses_victim", False):
+                d = d + regularizer(x, weights, buffers)
+            else:
+                d = d + regularizer(x)
         return d
 
     def _held_rows(self, rows: torch.Tensor):
@@ -208,8 +226,16 @@ class GradientInversion(pl.LightningModule):
             return distance
 
         running = raw.active.clone()
+        keep_best = self.stopping.keep == "best"
+        before = self._iterate() if keep_best and raw.measures_start else None
         distance = optimizer.step(closure=closure)
         self.distance = torch.where(running, distance, self.distance)
+        if keep_best:  # where the returned objective was measured: the step's start (Adam) or end (L-BFGS)
+            self._keep_best(running, distance, before if before is not None else self._iterate())
+        if self.box is not None:
+            with torch.no_grad():
+                self.dummy.copy_(torch.where(running.view(-1, *[1] * (self.dummy.dim() - 1)),
+                                             self.dummy.clamp(*self.box), self.dummy))
         self.steps_used += running.long()
         self.attempt_steps += running.long()
         self._update_status(running)
@@ -222,6 +248,22 @@ class GradientInversion(pl.LightningModule):
             self.trainer.should_stop = True
         return None
 
+    def _iterate(self) -> tuple[torch.Tensor, ...]:
+        """The point about to be evaluated: x' (and the label logits where they are learned)."""
+        if self.label_strategy.learned:
+            return self.dummy.detach().clone(), self.dummy_label.detach().clone()
+        return (self.dummy.detach().clone(),)
+
+    def _keep_best(self, running: torch.Tensor, distance: torch.Tensor, before: tuple[torch.Tensor, ...]) -> None:
+        """stopping.keep=best: remember `before` (the point where `distance` was measured) for the trials whose
+        objective is their lowest yet."""
+        better = running & (distance < self.best_distance)
+        self.best_distance = torch.where(better, distance, self.best_distance)
+        mask = better.view(-1, *[1] * (self.dummy.dim() - 1))
+        self.best_dummy = torch.where(mask, before[0], self.best_dummy)
+        if self.label_strategy.learned:
+            self.best_label = torch.where(better.view(-1, 1, 1), before[1], self.best_label)
+
     def _update_status(self, running: torch.Tensor) -> None:
         rules = self.stopping
         flat = self.dummy.detach().flatten(1)
@@ -230,7 +272,8 @@ class GradientInversion(pl.LightningModule):
         if self.label_strategy.learned:
             finite &= torch.isfinite(self.dummy_label.detach()).flatten(1).all(1)
         self.diverged |= running & (~finite | blown_up)
-        self.converged |= running & ~self.diverged & (self.distance < rules.tolerance)
+        if rules.tolerance is not None:
+            self.converged |= running & ~self.diverged & (self.distance < rules.tolerance)
         open_ = running & ~self.diverged & ~self.converged
         if rules.patience is not None:
             halved = open_ & (self.distance < 0.5 * self.anchor_distance)
@@ -245,7 +288,10 @@ class GradientInversion(pl.LightningModule):
         rules = self.stopping
         if not rules.restarts:
             return
-        failed = self.diverged | (self.stopped & ~(self.distance < rules.restart_distance))
+        if rules.restart_when == "always":
+            failed = self.diverged | self.stopped | self.converged
+        else:
+            failed = self.diverged | (self.stopped & ~(self.distance < rules.restart_distance))
         again = failed & (self.restarts < rules.restarts)
         if not again.any():
             return
@@ -258,7 +304,7 @@ class GradientInversion(pl.LightningModule):
                 self.dummy[row] = dummy[0].to(self.dummy)
                 if self.label_strategy.learned:
                     self.dummy_label[row] = logits[0].to(self.dummy_label)
-        for flag in (self.diverged, self.stopped):
+        for flag in (self.diverged, self.stopped, self.converged):
             flag[rows] = False
         self.attempt_steps[rows] = 0
         self.anchor_distance[rows] = float("inf")
@@ -283,11 +329,18 @@ class GradientInversion(pl.LightningModule):
     def result(self) -> AttackResult:
         status = [DIVERGED if d else CONVERGED if c else NOT_CONVERGED
                   for c, d in zip(self.converged.tolist(), self.diverged.tolist())]
+        dummy, label, distance = self.dummy.detach(), self.predicted_label, self.distance
+        if self.stopping.keep == "best":  # trials that never had a finite objective keep their last iterate
+            found = torch.isfinite(self.best_distance)
+            dummy = torch.where(found.view(-1, *[1] * (dummy.dim() - 1)), self.best_dummy, dummy)
+            distance = torch.where(found, self.best_distance, distance)
+            if self.label_strategy.learned:
+                label = torch.where(found[:, None], self.best_label.argmax(-1), label)
         return AttackResult(
             method=self.method,
-            dummy=self.dummy.detach().cpu().clone(),
-            predicted_label=self.predicted_label.cpu(),
-            distance=self.distance.cpu(),
+            dummy=dummy.cpu().clone(),
+            predicted_label=label.cpu(),
+            distance=distance.cpu(),
             status=status,
             steps=self.steps_used.cpu(),
             evaluations=self.evaluations,
@@ -295,3 +348,13 @@ class GradientInversion(pl.LightningModule):
             snapshots=self.snapshots,
             restarts=self.restarts.cpu(),
         )
+
+
+def _box(box: Sequence[float] | None) -> tuple[float, float] | None:
+    if box is None:
+        return None
+    if len(box) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box) \
+            or not box[0] < box[1]:
+        raise ConfigError(f"box must be null or [lo, hi] with lo < hi (the data's value range, e.g. [0, 1]), "
+                          f"got {list(box)!r}")
+    return float(box[0]), float(box[1])

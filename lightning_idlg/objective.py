@@ -48,6 +48,25 @@ def gradient_distance(dummy_grads: dict[str, torch.Tensor], shared_grads: dict[s
     return sum(((dummy_grads[name] - shared_grads[name]) ** 2).sum() for name in shared_grads)
 
 
+def over_trials(fn):
+    """vmap `fn` over the trial axis (dim 0) of its arguments, where a dict's tensor that is one tensor viewed
+    for all trials (stride 0 on the trial axis: one checkpoint for every trial) enters unbatched. Then a
+    layer's weights meet all K trials' inputs at once (one convolution over K x B images) instead of K
+    copies of themselves (a grouped convolution): the same numbers, less work."""
+
+    def shared(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
+
+    def batched(*args):
+        dims = tuple({n: None if shared(t) else 0 for n, t in a.items()} if isinstance(a, dict) else 0
+                     for a in args)
+        args = tuple({n: t[0] if shared(t) else t for n, t in a.items()} if isinstance(a, dict) else a
+                     for a in args)
+        return vmap(fn, in_dims=dims)(*args)
+
+    return batched
+
+
 # elements of E per block in the exact head term: ~1 MB of float32 stays in a CPU core's cache (2^18 was
 # fastest for LFW at K = 4..32); on a GPU only memory limits it
 BLOCK_ELEMENTS = {"cpu": 2 ** 18, "cuda": 2 ** 26}
@@ -125,7 +144,7 @@ def _plain_distance(model: nn.Module, reduction: str = "mean"):
     def one_trial(weights, shared_grads, x, label_probs, buffers):
         return gradient_distance(dummy_gradient(weights, buffers, x, label_probs), shared_grads)
 
-    return vmap(one_trial)
+    return over_trials(one_trial)
 
 
 def split_head(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[nn.Module, str] | None:
@@ -189,7 +208,9 @@ def _rank_one_head_distance(g, h, left, right, residual) -> torch.Tensor:
     return d.to(g.dtype)
 
 
-def _head_split_distance(body: nn.Module, head: str):
+def _head_split_gradients(body: nn.Module, head: str):
+    """gradients(weights, x', label probs, buffers) -> (body's gradients, g (K, classes), h (K, features)) for
+    one sample per trial: the head's weight gradient is g h^T and its bias gradient g, left to the caller."""
     prefix = head + "."
 
     def body_loss(body_weights, head_weights, x, label_probs, buffers):
@@ -197,9 +218,9 @@ def _head_split_distance(body: nn.Module, head: str):
         logits = nn.functional.linear(h, head_weights["weight"], head_weights.get("bias"))
         return soft_cross_entropy(logits, label_probs.unsqueeze(0)), (h[0], logits[0])
 
-    body_gradient = vmap(grad(body_loss, has_aux=True))
+    body_gradient = over_trials(grad(body_loss, has_aux=True))
 
-    def distance(weights, shared_grads, x, label_probs, buffers):
+    def gradients(weights, x, label_probs, buffers):
         x, label_probs = x[:, 0], label_probs[:, 0]  # B = 1: the route is for one sample's gradient
         body_weights = {n: w for n, w in weights.items() if not n.startswith(prefix)}
         head_weights = {n[len(prefix):]: w for n, w in weights.items() if n.startswith(prefix)}
@@ -207,6 +228,17 @@ def _head_split_distance(body: nn.Module, head: str):
         # dL/dlogits of the soft cross-entropy (one sample): softmax * sum(p) - p (sum(p) = 1, kept so
         # that DLG's gradient through p is exact)
         g = torch.softmax(logits, -1) * label_probs.sum(-1, keepdim=True) - label_probs
+        return body_grads, g, h
+
+    return gradients
+
+
+def _head_split_distance(body: nn.Module, head: str):
+    prefix = head + "."
+    gradients = _head_split_gradients(body, head)
+
+    def distance(weights, shared_grads, x, label_probs, buffers):
+        body_grads, g, h = gradients(weights, x, label_probs, buffers)
         if prefix + "weight:left" in shared_grads:  # factored by BatchedDistance.prepare
             d = _rank_one_head_distance(g, h, *(shared_grads[f"{prefix}weight:{part}"]
                                                 for part in ("left", "right", "residual")))
@@ -217,5 +249,112 @@ def _head_split_distance(body: nn.Module, head: str):
         for name, dummy_grad in body_grads.items():
             d = d + ((dummy_grad - shared_grads[name]) ** 2).flatten(1).sum(1)
         return d
+
+    return distance
+
+
+# --- Inverting Gradients (Geiping et al. 2020): 1 - cosine similarity --------------------------------------
+
+LAYER_WEIGHTS = ("equal", "linear", "exp")
+
+
+def layer_weights(names: list[str], scheme: str) -> dict[str, float]:
+    """A weight per parameter tensor, in the model's parameter order (first to last), as Inverting Gradients'
+    code offers them: equal; linear, (n - i) / n; exp, softmax over (n - i) divided by its first entry.
+    Both later schemes weigh the first layers most."""
+    if scheme not in LAYER_WEIGHTS:
+        raise ConfigError(f"objective.layer_weights={scheme!r} is not known; valid: {', '.join(LAYER_WEIGHTS)}")
+    n = len(names)
+    ranks = torch.arange(n, 0, -1, dtype=torch.float64)
+    if scheme == "equal":
+        weights = torch.ones(n, dtype=torch.float64)
+    elif scheme == "linear":
+        weights = ranks / n
+    else:
+        weights = ranks.softmax(0)
+        weights = weights / weights[0]
+    return dict(zip(names, weights.tolist()))
+
+
+class CosineSimilarity:
+    """The matching objective of Inverting Gradients: D = 1 - <g', g> / (|g'| |g|) over all parameter
+    tensors at once (one vector), each tensor weighted by `layer_weights` (equal in the paper and in
+    breaching's `invertinggradients`). Scale-free, so a gradient shrunk by clipping or a small learning
+    rate matches as well as the raw one."""
+
+    name = "cosine"
+
+    def __init__(self, layer_weights: str = "equal"):
+        if layer_weights not in LAYER_WEIGHTS:
+            raise ConfigError(f"objective.layer_weights={layer_weights!r} is not known; valid: "
+                              f"{', '.join(LAYER_WEIGHTS)}")
+        self.layer_weights = layer_weights
+
+    def build(self, model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1,
+              reduction: str = "mean") -> "BatchedCosine":
+        return BatchedCosine(model, input_shape, batch_size, reduction, self.layer_weights)
+
+
+class BatchedCosine(BatchedDistance):
+    """1 - cos(g', g) for K trials at once (see BatchedDistance for the arguments and routes). On the head-split
+    route the head's terms come from g and h: <g h^T, T> = g^T T h, or (g.a)(h.b) where T = a b^T (rank one,
+    the remainder's g^T R h dropped as in the squared distance), and |g h^T|^2 = |g|^2 |h|^2, so the
+    classes x features outer product is never formed."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...] | None = None, batch_size: int = 1,
+                 reduction: str = "mean", scheme: str = "equal"):
+        split = split_head(model, input_shape) if input_shape is not None and batch_size == 1 else None
+        self.head = split[1] if split is not None else None
+        self.weights = layer_weights([n for n, _ in model.named_parameters()], scheme)
+        if split is None:
+            self._distance = _plain_cosine(model, reduction, self.weights)
+        else:
+            self._distance = _head_split_cosine(*split, self.weights)
+
+
+def _cosine(dot: torch.Tensor, dummy_norm2: torch.Tensor, shared_norm2: torch.Tensor) -> torch.Tensor:
+    return 1 - dot / (dummy_norm2.sqrt() * shared_norm2.sqrt())
+
+
+def _plain_cosine(model: nn.Module, reduction: str, weights: dict[str, float]):
+    dummy_gradient = grad(batch_loss(model, reduction))
+
+    def one_trial(trial_weights, shared_grads, x, label_probs, buffers):
+        dummy_grads = dummy_gradient(trial_weights, buffers, x, label_probs)
+        dot = sum(weights[n] * (dummy_grads[n] * shared_grads[n]).sum() for n in shared_grads)
+        dummy_norm2 = sum(weights[n] * dummy_grads[n].square().sum() for n in shared_grads)
+        shared_norm2 = sum(weights[n] * shared_grads[n].square().sum() for n in shared_grads)
+        return _cosine(dot, dummy_norm2, shared_norm2)
+
+    return over_trials(one_trial)
+
+
+def _head_split_cosine(body: nn.Module, head: str, weights: dict[str, float]):
+    prefix = head + "."
+    gradients = _head_split_gradients(body, head)
+    w_head = weights[prefix + "weight"]
+
+    def distance(trial_weights, shared_grads, x, label_probs, buffers):
+        body_grads, g, h = gradients(trial_weights, x, label_probs, buffers)
+        if prefix + "weight:left" in shared_grads:  # T = a b^T (+ R), |b| = 1
+            a, b, residual = (shared_grads[f"{prefix}weight:{part}"] for part in ("left", "right", "residual"))
+            g64, h64 = g.double(), h.double()
+            dot = w_head * ((g64 * a).sum(1) * (h64 * b).sum(1)).to(g.dtype)
+            shared_norm2 = w_head * (a.square().sum(1) + residual).to(g.dtype)
+        else:
+            t = shared_grads[prefix + "weight"]
+            dot = w_head * torch.einsum("kc,kcf,kf->k", g, t, h)
+            shared_norm2 = w_head * t.square().flatten(1).sum(1)
+        dummy_norm2 = w_head * g.square().sum(1) * h.square().sum(1)
+        if prefix + "bias" in shared_grads:  # the bias gradient is g itself
+            w, t = weights[prefix + "bias"], shared_grads[prefix + "bias"]
+            dot, dummy_norm2 = dot + w * (g * t).sum(1), dummy_norm2 + w * g.square().sum(1)
+            shared_norm2 = shared_norm2 + w * t.square().sum(1)
+        for name, dummy_grad in body_grads.items():
+            w, t = weights[name], shared_grads[name]
+            dot = dot + w * (dummy_grad * t).flatten(1).sum(1)
+            dummy_norm2 = dummy_norm2 + w * dummy_grad.square().flatten(1).sum(1)
+            shared_norm2 = shared_norm2 + w * t.square().flatten(1).sum(1)
+        return _cosine(dot, dummy_norm2, shared_norm2)
 
     return distance

@@ -21,9 +21,15 @@ import torch
 
 from lightning_idlg.errors import ConfigError
 
+# breaching's step-lr milestones: N // 2.667, N // 1.6, N // 1.142 of a budget of N steps
+STEP_LR_DIVISORS = (2.667, 1.6, 1.142)
+
 
 class _TrialOptimizer(torch.optim.Optimizer):
-    """Shared plumbing: flat per-trial views of the parameters, the active mask, evaluation counts."""
+    """Shared plumbing: flat per-trial views of the parameters, the active mask, evaluation counts.
+    measures_start: `step` returns the objective at the step's starting point (else at its end point)."""
+
+    measures_start = False
 
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
@@ -348,15 +354,29 @@ def strong_wolfe(t: float, f: float, g: torch.Tensor, gtd: float, d_norm: float,
 
 class BatchedAdam(_TrialOptimizer):
     """Adam with per-trial step counts, so a frozen trial neither moves nor ages. One evaluation per
-    step; the returned objective is the one at the point before the update."""
+    step; the returned objective is the one at the point before the update.
 
-    def __init__(self, params, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    Inverting Gradients' options (Geiping et al. 2020; breaching's `invertinggradients`):
+    signed: Adam on sign(gradient) (breaching's `signed: hard`), the sign taken per pixel of the total
+    objective's gradient; step_decay: the attack's step budget N, the learning rate multiplied by `gamma` after
+    N // 2.667, N // 1.6 and N // 1.142 steps of the trial's attempt (breaching's `step-lr`, about 3/8, 5/8
+    and 7/8 of N), counted per trial like Adam's own step count."""
+
+    def __init__(self, params, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 signed: bool = False, step_decay: int | None = None, gamma: float = 0.1):
+        if step_decay is not None and (not isinstance(step_decay, int) or isinstance(step_decay, bool)
+                                       or step_decay < 1):
+            raise ConfigError(f"optimizer.step_decay must be null or the step budget (an integer >= 1), "
+                              f"got {step_decay!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        self.measures_start = True
         k, n = self.trials, sum(p[0].numel() for p in self._params)
         like = dict(device=self._params[0].device, dtype=self._params[0].dtype)
         self.m = torch.zeros(k, n, **like)
         self.v = torch.zeros(k, n, **like)
         self.age = torch.zeros(k, **like)
+        self.signed, self.gamma = bool(signed), float(gamma)
+        self.milestones = [] if step_decay is None else [step_decay // d for d in STEP_LR_DIVISORS]
 
     def reset(self, mask: torch.Tensor) -> None:
         """Forget the trials in mask (a restart): moments and step count back to zero."""
@@ -364,12 +384,21 @@ class BatchedAdam(_TrialOptimizer):
         self.v[mask] = 0
         self.age[mask] = 0
 
+    def learning_rate(self) -> torch.Tensor:
+        """(K, 1) the learning rate of each trial's next step: lr x gamma per milestone its attempt has passed
+        (a step t, counted from 1, uses the rate after t - 1 scheduler steps, as torch's MultiStepLR)."""
+        lr = self.param_groups[0]["lr"]
+        passed = sum((self.age - 1 >= m).to(self.age.dtype) for m in self.milestones) if self.milestones else 0
+        return (lr * self.gamma ** passed * torch.ones_like(self.age))[:, None]
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         group = self.param_groups[0]
-        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        (beta1, beta2), eps = group["betas"], group["eps"]
         run = self.active.clone()
         loss, g = self._evaluate(closure, run)
+        if self.signed:
+            g = g.sign()
         self.age += run
         m = beta1 * self.m + (1 - beta1) * g
         v = beta2 * self.v + (1 - beta2) * g * g
@@ -380,5 +409,5 @@ class BatchedAdam(_TrialOptimizer):
         # error in the step; torch.optim.Adam computes it in double)
         m_hat = self.m / -torch.expm1(age * math.log(beta1))
         v_hat = self.v / -torch.expm1(age * math.log(beta2))
-        self._add_step(-lr * m_hat / (v_hat.sqrt() + eps), run)
+        self._add_step(-self.learning_rate() * m_hat / (v_hat.sqrt() + eps), run)
         return loss

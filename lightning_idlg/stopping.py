@@ -6,7 +6,10 @@ Per trial, after every optimizer step:
 - stopped: `steps` steps taken (the paper: 300), or, with `patience`, D has not halved within `patience`
   steps (beyond the paper: a stalled trial stops costing evaluations).
 A trial that diverged, or stopped with D >= `restart_distance`, starts again from a fresh dummy at most
-`restarts` times (beyond the paper; 0 keeps it off).
+`restarts` times (beyond the paper; 0 keeps it off). With `restart_when: always` every attempt that ends
+restarts while restarts are left (Inverting Gradients' restarts: all attempts run, the best is kept).
+`keep`: the trial's reconstruction is its last iterate (DLG, iDLG) or the iterate of the lowest objective
+over all its steps and attempts (`best`: Inverting Gradients, breaching).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from dataclasses import dataclass
 from lightning_idlg.errors import ConfigError
 
 
+KEEP = ("last", "best")
+RESTART_WHEN = ("failed", "always")
+
+
 @dataclass(frozen=True)
 class Stopping:
     steps: int = 300
@@ -25,12 +32,20 @@ class Stopping:
     restarts: int = 0
     restart_distance: float = 1e-2
     divergence_bound: float = 1e4
+    keep: str = "last"
+    restart_when: str = "failed"
 
     def __post_init__(self) -> None:
         if not _positive_int(self.steps):
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        if not _positive_number(self.tolerance):
-            raise ConfigError(f"tolerance must be a number > 0 (the paper: 1e-6), got {self.tolerance!r}")
+        if self.tolerance is not None and not _positive_number(self.tolerance):
+            raise ConfigError(f"tolerance must be null (never stop early) or a number > 0 (the paper: 1e-6), "
+                              f"got {self.tolerance!r}")
+        if self.keep not in KEEP:
+            raise ConfigError(f"stopping.keep={self.keep!r} is not known; valid: {', '.join(KEEP)}")
+        if self.restart_when not in RESTART_WHEN:
+            raise ConfigError(f"stopping.restart_when={self.restart_when!r} is not known; valid: "
+                              f"{', '.join(RESTART_WHEN)}")
         if self.patience is not None and not _positive_int(self.patience):
             raise ConfigError(f"patience must be null or a positive integer, got {self.patience!r}")
         if not (_positive_int(self.restarts) or (self.restarts == 0 and isinstance(self.restarts, int)

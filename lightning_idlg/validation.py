@@ -62,7 +62,8 @@ def validate_settings(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{missing[0]} has no value (???); set {missing[0]}=...")
     one_of("resume", cfg.get("resume", "auto"), RESUME_MODES)
-    positive(cfg, "tolerance", what=" (a trial stops once its gradient distance D < tolerance)")
+    positive(cfg, "tolerance", optional=True,
+             what=" (a trial stops once its gradient distance D < tolerance; null: never early)")
     positive(cfg, "patience", integer=True, optional=True)
     positive(cfg, "restarts", integer=True, zero=True)
     positive(cfg, "restart_distance")
