@@ -47,7 +47,9 @@ Known differences (see also /work/shared/docs/peer-breaching.md): breaching's Eu
 0.5 * sum ||dg||^2 (ours sum ||dg||^2), so L-BFGS's first step and its tolerances differ and so do
 trajectories, trial by trial; breaching always runs all its iterations (no early stop; ours stops at
 D < 1e-6) and returns the best iterate by objective (strictly: the iterate after the L-BFGS step whose
-starting objective was lowest), ours the last one.
+starting objective was lowest), ours the last one. IG: breaching's total variation pads the image with
+zeros (the last row and column also count |x|) and adds 1e-8 to every term, ours (torchmetrics') does
+not; both divide by the pixels x channels.
 
 Prints per comparison and side: attacks per minute, attacks per CPU-minute, success, label accuracy,
 median PSNR and SSIM, median objective evaluations; then the ratio ours / theirs. The last lines are
@@ -307,6 +309,7 @@ def main() -> None:
                         help="a further Hydra override of our DLG run")
     parser.add_argument("--ig-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a further Hydra override of our IG runs")
+    parser.add_argument("--per-trial", action="store_true", help="also print each trial's MSE, PSNR, evaluations")
     parser.add_argument("--breaching-venv", default="/work/breaching-venv", help="the venv with breaching 0.1.2")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"), help="logs, cases and runs")
     args = parser.parse_args()
@@ -334,6 +337,11 @@ def main() -> None:
         print_side("lightning_idlg", ours, s_ours, "trainer=ddp ranks, trials per group auto")
         print_side("breaching", theirs, s_theirs, f"one process per core, attacks alone "
                    f"{sum(r['cpu_seconds'] for r in theirs['trials']):.1f} s CPU")
+        if args.per_trial:
+            for o, b in zip(ours["trials"], theirs["trials"]):
+                print(f"    trial {o['index']:3d} image {o['image_index']:4d} label {o['label']:3d}: MSE ours "
+                      f"{o['mse']:.3e} breaching {b['mse']:.3e}; PSNR {o['psnr']:.1f} / {b['psnr']:.1f}; evaluations "
+                      f"{o['evaluations']} / {b['evaluations']}; objective {o['distance']:.3g} / {b['best_objective']:.3g}")
         ratios[comparison.name] = s_ours["per_cpu_minute"] / s_theirs["per_cpu_minute"]
         print(f"  ratio ours/theirs: {ratios[comparison.name]:.2f} per CPU-minute, "
               f"{s_ours['per_minute'] / s_theirs['per_minute']:.2f} per minute", flush=True)
