@@ -2,14 +2,15 @@
 
 Runs in breaching's own venv (never imports lightning_idlg; only torch and breaching):
 
-    BREACHING_VENV/bin/python benchmarks/_breaching_worker.py CASE.pt --shard 0 --shards 2 --out OUT.pt
+    BREACHING_VENV/bin/python benchmarks/_breaching_worker.py CASE_DIR --shard 0 --shards 2 --out OUT.pt
 
-CASE.pt (written by peer_breaching.py with torch.save) holds `overrides` (breaching's Hydra overrides:
-case, model, attack) and `trials`, each with the exact tensors our side attacks: `image` (C, H, W) in
-[0, 1], `label`, `weights` and `buffers` (our victim's, in parameter / buffer order), `dummy` (1, C, H, W):
-our dummy start, and `gradient` (our client's shared gradient, only to compare with breaching's). This
-shard attacks trials shard, shard + shards, ... one after another, as breaching runs (one process, one
-trial at a time), and writes per trial: the reconstruction, the labels breaching used, its objective per
+CASE_DIR (written by peer_breaching.py) holds overrides.json (breaching's Hydra overrides: case, model,
+attack) and one trial_<index>.pt per trial (torch.save) with the exact tensors our side attacks: `image`
+(C, H, W) in [0, 1], `label`, `weights` and `buffers` (our victim's, in parameter / buffer order),
+`dummy` (1, C, H, W): our dummy start, and `gradient` (our client's shared gradient, only to compare with
+breaching's). This shard attacks trials shard, shard + shards, ... (in index order) one after another, as
+breaching runs (one process, one trial at a time, loading each trial's file when it gets to it), and
+writes per trial: the reconstruction, the labels breaching used, its objective per
 iteration, objective evaluations, wall and CPU seconds of the attack, checksums of what breaching's model
 and user saw, and the largest difference between breaching's shared gradient and ours.
 
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,8 +69,8 @@ def main() -> None:
     from breaching.cases.users import UserSingleStep
     from omegaconf import OmegaConf
 
-    case = torch.load(args.case, weights_only=True)
-    cfg = breaching.get_config(overrides=list(case["overrides"]))
+    case = Path(args.case)
+    cfg = breaching.get_config(overrides=json.loads((case / "overrides.json").read_text()))
     setup = dict(device=torch.device("cpu"), dtype=torch.float)
     model, loss_fn = breaching.cases.construct_model(cfg.case.model, cfg.case.data,
                                                      pretrained=cfg.case.server.pretrained)
@@ -95,7 +97,8 @@ def main() -> None:
     setup_seconds = time.perf_counter() - started
 
     results = []
-    for trial in case["trials"][args.shard::args.shards]:
+    for trial_file in sorted(case.glob("trial_*.pt"))[args.shard::args.shards]:
+        trial = torch.load(trial_file, weights_only=True)
         load_victim(server.model, trial["weights"], trial["buffers"])
         payload = server.distribute_payload()
         data = {"inputs": trial["image"][None].clone(), "labels": torch.tensor([int(trial["label"])])}

@@ -121,7 +121,7 @@ def comparisons(args) -> list[Comparison]:
 # --------------------------------------------------------------------------------------------- our side
 
 def our_overrides(args, comparison: Comparison) -> list[str]:
-    cores = [f"trainer=ddp", f"trainer.devices={args.cores}"] if args.cores > 1 else []
+    cores = ["trainer=ddp", f"trainer.devices={args.cores}"] if args.cores > 1 else []
     return [*comparison.ours, f"dataset.root={Path(args.data_root).resolve()}",
             f"trials={args.trials}", f"seed={args.seed}", *cores, "threads=1", "pictures=false",
             "progress_trials=0", "progress_bar=false"]
@@ -138,8 +138,10 @@ def compose(overrides: list[str]):
 
 
 def write_case(args, comparison: Comparison, path: Path) -> dict:
-    """Our trials for `comparison`, as the app plans and shares them, written for breaching's workers.
-    Returns our side's per-trial facts (labels, checksums) and breaching's overrides for them."""
+    """Our trials for `comparison`, as the app plans and shares them, written for breaching's workers into
+    the folder `path`: overrides.json, and one trial_<index>.pt each (a worker holds one trial at a time:
+    a ConvNet victim and its gradient are 25 MB). Returns our side's per-trial facts (labels, checksums)
+    and breaching's overrides for them."""
     from hydra.utils import instantiate
 
     from lightning_idlg.experiment import attack_names, plan_trials, prepare_batch
@@ -152,20 +154,21 @@ def write_case(args, comparison: Comparison, path: Path) -> dict:
     dummies, _ = instantiate(cfg.attack[method].dummy).draw([t.dummy_seed for t in trials], shared.input_shape,
                                                             shared.batch_size, shared.num_classes)
     buffers = victim_buffers(cfg, dataset, trials, shared.weights)
-    rows = []
-    for k, trial in enumerate(trials):
-        rows.append({"index": trial.index, "image_index": trial.images[0], "image": private.images[k, 0].clone(),
-                     "label": int(private.labels[k, 0]), "weights": [w[k].clone() for w in shared.weights.values()],
-                     "buffers": buffers[k], "dummy": dummies[k].clone(),
-                     "dummy_seed": trial.dummy_seed, "gradient": [g[k].clone() for g in shared.gradients.values()]})
     overrides = [*BREACHING_CASE, f"case.model={BREACHING_MODELS[comparison.model]}",
                  *breaching_labels(cfg.attack[method]), *breaching_batchnorm(cfg), *comparison.breaching]
-    torch.save({"overrides": overrides, "trials": rows}, path)
-    return {"method": method, "overrides": overrides,
-            "trials": [{"index": r["index"], "image_index": r["image_index"], "label": r["label"],
-                        "image": r["image"], "seen": {"image": checksum([r["image"][None]]),
-                                                      "label": checksum([torch.tensor([r["label"]])]),
-                                                      "weights": checksum(r["weights"])}} for r in rows]}
+    path.mkdir()
+    (path / "overrides.json").write_text(json.dumps(overrides))
+    rows = []
+    for k, trial in enumerate(trials):
+        image, label = private.images[k, 0].clone(), int(private.labels[k, 0])
+        weights = [w[k].clone() for w in shared.weights.values()]
+        torch.save({"index": trial.index, "image": image, "label": label, "weights": weights, "buffers": buffers[k],
+                    "dummy": dummies[k].clone(), "dummy_seed": trial.dummy_seed,
+                    "gradient": [g[k].clone() for g in shared.gradients.values()]}, path / f"trial_{trial.index:05d}.pt")
+        rows.append({"index": trial.index, "image_index": trial.images[0], "label": label, "image": image,
+                     "seen": {"image": checksum([image[None]]), "label": checksum([torch.tensor([label])]),
+                              "weights": checksum(weights)}})
+    return {"method": method, "overrides": overrides, "trials": rows}
 
 
 def victim_buffers(cfg, dataset, trials, weights: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -220,13 +223,13 @@ def our_side(args, comparison: Comparison, out: Path, method: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- breaching
 
-def breaching_side(args, comparison: Comparison, out: Path, case_file: Path, ours: dict) -> dict:
+def breaching_side(args, comparison: Comparison, out: Path, case_dir: Path, ours: dict) -> dict:
     """breaching's workers, one process per core, trial i in process i mod cores; metrics by ours."""
     from lightning_idlg import metrics
 
     python = str(Path(args.breaching_venv) / "bin" / "python")
     shards = [out / f"{comparison.name}_breaching.{i}.pt" for i in range(args.cores)]
-    commands = [[python, str(WORKER), str(case_file), "--shard", str(i), "--shards", str(args.cores), "--out", str(f)]
+    commands = [[python, str(WORKER), str(case_dir), "--shard", str(i), "--shards", str(args.cores), "--out", str(f)]
                 for i, f in enumerate(shards)]
     run = timed_group(commands, [out / f"{comparison.name}_breaching.{i}.log" for i in range(args.cores)],
                       env=ONE_THREAD)
@@ -325,10 +328,10 @@ def main() -> None:
           f"at start; outputs {out}", flush=True)
     ratios, problems, results = {}, [], {}
     for comparison in comparisons(args):
-        case_file = out / f"{comparison.name}_case.pt"
-        case = write_case(args, comparison, case_file)
+        case_dir = out / f"{comparison.name}_case"
+        case = write_case(args, comparison, case_dir)
         ours = our_side(args, comparison, out, case["method"])
-        theirs = breaching_side(args, comparison, out, case_file, case)
+        theirs = breaching_side(args, comparison, out, case_dir, case)
         print(f"{comparison.name}: {comparison.title}")
         print(f"  ours: lightning-idlg {ours['command']}")
         print(f"  breaching: {' '.join(case['overrides'])}")
