@@ -46,11 +46,13 @@ def small_victims(name: str, trials: int) -> tuple[list[torch.nn.Module], int]:
     for seed in range(trials):
         net = make_victim(functools.partial(cls, **keys), DefaultInit(), in_channels=3, image_size=side,
                           num_classes=CLASSES, seed=seed).double()
+        g = torch.Generator().manual_seed(100 + seed)  # its own draws: the same whatever ran before
         with torch.no_grad():
             for m in net.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(0.0, 0.3)  # most ReLUs alive
+                    for tensor, low, high in ((m.running_mean, -0.5, 0.5), (m.running_var, 0.5, 2.0),
+                                              (m.weight, 0.5, 1.5), (m.bias, 0.0, 0.3)):  # most ReLUs alive
+                        tensor.copy_(torch.rand(tensor.shape, generator=g, dtype=tensor.dtype) * (high - low) + low)
         victims.append(net)
     return victims, side
 
