@@ -2,7 +2,7 @@
 paper's untrained one (gradients of trained networks are smaller and leak differently).
 
 Hydra config configs/train.yaml reuses the app's `dataset` and `model` groups, so the network trained here
-is the one `model=<same> model/init=checkpoint model.init.path=<run dir>/epoch=<N>.pt` rebuilds. SGD with
+is the one `model=<same> model/init=checkpoint model.init.path=<run dir>/epoch_<N>.pt` rebuilds. SGD with
 momentum and weight decay in a Lightning Trainer; `SaveVictim` writes the plain state dict
 (`torch.save(model.state_dict())`, what `CheckpointInit` loads with weights_only=True) at the chosen epochs,
 and `accuracy.json` beside them.
@@ -120,7 +120,7 @@ def _save_victim_callback():
     import torch
 
     class SaveVictim(pl.Callback):
-        """The victim's plain state dict at the chosen epochs, as `<out>/epoch=<N>.pt` (`final.pt` after the
+        """The victim's plain state dict at the chosen epochs, as `<out>/epoch_<N>.pt` (`final.pt` after the
         last), and `<out>/accuracy.json`: train and validation accuracy at each saved epoch.
 
         Why not ModelCheckpoint: it writes Lightning checkpoints (optimizer state, loops, hyperparameters
@@ -138,7 +138,7 @@ def _save_victim_callback():
             if trainer.sanity_checking:
                 return
             epoch = 0 if trainer.state.fn == "validate" else trainer.current_epoch + 1
-            names = [f"epoch={epoch}.pt"] * (epoch in self.save_epochs) + ["final.pt"] * (self.final and epoch == self.epochs)
+            names = [f"epoch_{epoch}.pt"] * (epoch in self.save_epochs) + ["final.pt"] * (self.final and epoch == self.epochs)
             if not names:
                 return
             state = {name: tensor.detach().cpu().clone() for name, tensor in module.model.state_dict().items()}
@@ -189,13 +189,13 @@ def train(cfg: DictConfig, out: str | Path) -> list[dict]:
 
 
 def attack_command(path: Path) -> str:
-    """The app's command line that attacks the saved victim: this run's data set and model overrides, and
-    the checkpoint's path quoted for Hydra (its `=` would otherwise end the override's value)."""
+    """The app's command line that attacks the saved victim: this run's data set and model overrides and the
+    checkpoint's path."""
     choices = HydraConfig.get().runtime.choices
     keys = [o for o in HydraConfig.get().overrides.task
             if o.lstrip("+~").startswith(("dataset.", "model.")) and not o.lstrip("+~").startswith("model.init")]
     return " ".join(["lightning-idlg", f"dataset={choices['dataset']}", f"model={choices['model']}", *keys,
-                     "model/init=checkpoint", f"\"model.init.path='{path}'\""])
+                     "model/init=checkpoint", f"model.init.path={path}"])
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_idlg.configs", config_name="train")

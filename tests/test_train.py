@@ -45,14 +45,14 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_training_saves_state_dicts_at_the_chosen_epochs_with_their_accuracy(trained):
-    assert sorted(p.name for p in trained.glob("*.pt")) == ["epoch=0.pt", "epoch=1.pt", "final.pt"]
+    assert sorted(p.name for p in trained.glob("*.pt")) == ["epoch_0.pt", "epoch_1.pt", "final.pt"]
     saved = json.loads((trained / "accuracy.json").read_text())
-    assert [(s["epoch"], s["files"]) for s in saved] == [(0, ["epoch=0.pt"]), (1, ["epoch=1.pt", "final.pt"])]
+    assert [(s["epoch"], s["files"]) for s in saved] == [(0, ["epoch_0.pt"]), (1, ["epoch_1.pt", "final.pt"])]
     for s in saved:
         assert 0.0 <= s["train_accuracy"] <= 1.0 and 0.0 <= s["val_accuracy"] <= 1.0
         # accuracy over 64 images: a multiple of 1/64
         assert s["train_accuracy"] * 64 == pytest.approx(round(s["train_accuracy"] * 64), abs=1e-4)
-    before, after = (torch.load(trained / name, weights_only=True) for name in ("epoch=0.pt", "epoch=1.pt"))
+    before, after = (torch.load(trained / name, weights_only=True) for name in ("epoch_0.pt", "epoch_1.pt"))
     assert not torch.equal(before["linear.weight"], after["linear.weight"])  # SGD moved the weights
     assert int(after["stem.1.num_batches_tracked"]) == 4  # 64 images in batches of 16: BatchNorm saw 4 batches
     assert all(torch.equal(after[k], v) for k, v in torch.load(trained / "final.pt", weights_only=True).items())
@@ -63,14 +63,14 @@ def test_the_checkpoint_loads_into_an_identical_network_and_is_the_attacked_vict
     fresh = ResNet(1, 8, 10, depth=8, width=0.25)  # another init: every tensor must come from the file
     loaded = CheckpointInit(str(trained / "final.pt"))(fresh).state_dict()
     assert list(loaded) == list(state) and all(torch.equal(loaded[k], state[k]) for k in state)
-    # the app attacks that network (the path quoted: Hydra reads the `=` of epoch=1.pt otherwise)
+    # the app attacks that network
     from lightning_idlg.experiment import plan_trials, prepare_batch, run as run_attack
 
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY, "model/init=checkpoint", f"model.init.path='{trained / 'epoch=1.pt'}'",
+        cfg = compose("config", overrides=[*TINY, "model/init=checkpoint", f"model.init.path={trained / 'epoch_1.pt'}",
                                            "trials=2", "steps=2", "client.mode=eval", "progress_bar=false",
                                            "pictures=false", "progress_trials=0"])
-    state = torch.load(trained / "epoch=1.pt", weights_only=True)
+    state = torch.load(trained / "epoch_1.pt", weights_only=True)
     dataset = instantiate(cfg.dataset)
     _, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
     for name, weight in shared.weights.items():
