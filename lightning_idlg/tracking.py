@@ -30,7 +30,7 @@ IMAGE_EVERY, IMAGE_TRIALS = 10, 4  # panel defaults (configs/logger/wandb.yaml s
 TABLE_COLUMNS = ("method", "index", "label", "predicted_label", "mse", "psnr", "ssim", "status", "steps")
 # summary.json keys that share a name with a per-step curve (monitor.py); the run-wide value is the median
 # over all trials, so it is named apart instead of overwriting the curve's last value in W&B's summary
-MEDIANS = ("mse", "psnr", "ssim")
+MEDIANS = ("mse", "psnr", "ssim", "lpips")
 
 
 def has_api_key() -> bool:
