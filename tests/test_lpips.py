@@ -166,3 +166,10 @@ def test_the_option_off_leaves_the_fingerprint_of_older_run_dirs_unchanged():
 
     off, on = settings(_cfg(), "idlg", 10), settings(_cfg("metrics.lpips=vgg"), "idlg", 10)
     assert "metrics.lpips" not in off and on.pop("metrics.lpips") == "vgg" and on == off
+
+
+def test_median_lpips_is_a_metric_name_only_where_the_run_records_it():
+    from lightning_idlg.tracking import metric_names
+
+    assert "idlg/median_lpips" in metric_names(["idlg"], lpips=True)
+    assert "idlg/median_lpips" not in metric_names(["idlg"]) and "idlg/median_ssim" in metric_names(["idlg"])
