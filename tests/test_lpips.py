@@ -173,3 +173,17 @@ def test_median_lpips_is_a_metric_name_only_where_the_run_records_it():
 
     assert "idlg/median_lpips" in metric_names(["idlg"], lpips=True)
     assert "idlg/median_lpips" not in metric_names(["idlg"]) and "idlg/median_ssim" in metric_names(["idlg"])
+
+
+def test_the_python_api_evaluates_lpips_too(weights_in):
+    from lightning_idlg.api import Reconstruction
+
+    g = torch.Generator().manual_seed(2)
+    private = torch.rand(2, 1, 28, 28, generator=g)
+    images = torch.stack([private.flip(0), (private + 0.3 * torch.randn(private.shape, generator=g))])  # K=2, B=2
+    result = Reconstruction("dlg", images, torch.zeros(2, 2, dtype=torch.long), torch.zeros(2), ["converged"] * 2,
+                            torch.ones(2), torch.ones(2), 0.0)
+    scores = result.evaluate(private, lpips="alex")
+    direct = metrics.lpips(images[1], private, metrics.lpips_metric("alex"))   # B=2 noisy: order kept by matching
+    assert scores["lpips"].tolist() == pytest.approx([0.0, float(direct.mean())], abs=1e-7)
+    assert "lpips" not in result.evaluate(private)
