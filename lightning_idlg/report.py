@@ -380,7 +380,8 @@ def victim_name(model: dict) -> str:
 
 def checkpoint_name(model: dict) -> str:
     """The victim's weights: a checkpoint's file name, else the init's class without `Init`, lower case, with
-    its keys ("uniform (scale=0.5)", "default"); a config.yaml from before inits were classes: its name."""
+    its keys ("uniform (scale=0.5)", "default"); a config.yaml from before inits were classes (`init: uniform`,
+    `init_scale: 0.5`) reads the same."""
     if model.get("model.init.path"):
         return Path(str(model["model.init.path"])).name
     target = model.get("model.init._target_") or model.get("model.init")
@@ -390,6 +391,7 @@ def checkpoint_name(model: dict) -> str:
     name = (name[:-len("Init")] if name.endswith("Init") and name != "Init" else name).lower()
     keys = {k.split(".", 2)[2]: v for k, v in model.items()
             if k.startswith("model.init.") and not k.split(".", 2)[2].startswith("_") and k != "model.init.path"}
+    keys.update({k[len("model.init_"):]: v for k, v in model.items() if k.startswith("model.init_")})  # init_scale
     return _named(name, keys)
 
 

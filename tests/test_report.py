@@ -454,10 +454,14 @@ def test_victim_table_keeps_apart_runs_that_differ_elsewhere_and_reads_axes_with
     write_run(tmp_path / "b", [record("dlg", 0, 1e-4)], config={**victim_config(0), "steps": 10})
     axes = {"model": "MLP", "model.factory.activation": "relu", "model.factory.hidden": [64], "model.init": "DefaultInit"}
     write_run(tmp_path / "c", [{**record("dlg", 0, 1e-4), "axes": axes}])
+    legacy = {"seed": 0, "steps": 300, "model": {"factory": LENET, "init": "uniform", "init_scale": 0.5}}
+    write_run(tmp_path / "d", [record("dlg", 1, 1e-2)], config=legacy)   # a config.yaml from before init nodes
     write_report([tmp_path], tmp_path / "report")
     rows = csv_rows(tmp_path / "report" / "victims.csv")
     lenet = [r for r in rows if r["victim"].startswith("LeNet")]
     assert len(lenet) == 2 and len({r["config"] for r in lenet}) == 2 and all(r["config"] for r in lenet)
+    assert {r["checkpoint"] for r in lenet} == {"uniform (scale=0.5)"}
+    assert sorted(int(r["trials"]) for r in lenet) == [1, 2]   # the legacy run pools with the 300-step one
     (mlp,) = [r for r in rows if r["victim"].startswith("MLP")]
     assert (mlp["victim"], mlp["checkpoint"]) == ("MLP (activation=relu, hidden=[64])", "default")
 
