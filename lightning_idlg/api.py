@@ -48,9 +48,12 @@ class Reconstruction:
     evaluations: torch.Tensor
     seconds: float
 
-    def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per trial (K,): mse, psnr, ssim (means over the B images after Hungarian matching) and, with
-        labels, label_accuracy. `images`: the private (B, C, H, W) (or (C, H, W) for B = 1) in [0, 1]."""
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 lpips: str | bool = False) -> dict[str, torch.Tensor]:
+        """Per trial (K,): mse, psnr, ssim (means over the B images after Hungarian matching), with
+        labels label_accuracy, with `lpips` ("alex", "vgg", "squeeze": the backbone, whose weights must be
+        cached; see metrics.check_lpips) lpips. `images`: the private (B, C, H, W) (or (C, H, W) for B = 1)
+        in [0, 1]."""
         k, b = self.images.shape[:2]
         truth = images.reshape(1, b, *self.images.shape[2:]).expand(k, -1, -1, -1, -1).to(self.images.dtype)
         order = metrics.match(self.images, truth)
@@ -58,6 +61,8 @@ class Reconstruction:
         flat, flat_truth = matched.flatten(0, 1), truth.flatten(0, 1)
         out = {name: f(flat, flat_truth).view(k, b).mean(1).double()
                for name, f in (("mse", metrics.mse), ("psnr", metrics.psnr), ("ssim", metrics.ssim))}
+        if lpips not in (False, None):
+            out["lpips"] = metrics.lpips(flat, flat_truth, metrics.lpips_metric(lpips)).view(k, b).mean(1).double()
         if labels is not None:
             guesses = torch.stack([p[o] for p, o in zip(self.labels, order)])
             out["label_accuracy"] = (guesses == labels.reshape(1, b)).double().mean(1)

@@ -63,9 +63,10 @@ def _run(cfg: DictConfig) -> dict | float:
     _quiet_lightning()
     name = cfg.get("optimized_metric")
     try:
-        if name and name not in metric_names(cfg.attack):  # fail before the run, not after it
+        lpips = OmegaConf.select(cfg, "metrics.lpips", default=False) not in (False, None)
+        if name and name not in metric_names(cfg.attack, lpips):  # fail before the run, not after it
             raise ConfigError(f"optimized_metric={name!r} is not a metric of this run; valid: "
-                              + ", ".join(metric_names(cfg.attack)))
+                              + ", ".join(metric_names(cfg.attack, lpips)))
         summary = run(cfg, HydraConfig.get().runtime.output_dir, hydra_files(cfg))
         return metric_value(summary, name) if name else summary
     except InstantiationException as err:

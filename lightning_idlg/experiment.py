@@ -553,7 +553,7 @@ def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch
     predicted = torch.stack([p[o] for p, o in zip(result.predicted_label, order)])
     k, b = private.labels.shape
     flat, truth = dummy.flatten(0, 1), private.images.flatten(0, 1)
-    mse, psnr, ssim = (f(flat, truth).view(k, b) for f in (metrics.mse, metrics.psnr, metrics.ssim))
+    per_image = {name: f(flat, truth).view(k, b) for name, f in per_image_metrics(cfg).items()}
     wanted = {t.index for t in todo}
     axes = record_axes(cfg)
     records = []
@@ -569,9 +569,7 @@ def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch
             "label": labels[0] if b == 1 else labels,
             "predicted_label": guesses[0] if b == 1 else guesses,
             "label_correct": all(correct),
-            "mse": float(mse[row].mean()),
-            "psnr": float(psnr[row].mean()),
-            "ssim": float(ssim[row].mean()),
+            **{name: float(values[row].mean()) for name, values in per_image.items()},
             "distance": float(result.distance[row]),
             "status": result.status[row],
             "steps": int(result.steps[row]),
@@ -589,12 +587,23 @@ def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch
             record["defense_relative_error"] = float(cost["relative_error"][row])
         if b > 1:
             record["label_accuracy"] = sum(correct) / b
-            record["images"] = [{"image_index": i, "label": y, "predicted_label": p, "mse": float(m),
-                                 "psnr": float(q), "ssim": float(s), "matched_reconstruction": int(o)}
-                                for i, y, p, m, q, s, o in zip(trial.images, labels, guesses, mse[row], psnr[row],
-                                                               ssim[row], order[row])]
+            record["images"] = [{"image_index": i, "label": y, "predicted_label": p,
+                                 **{name: float(values[row, j]) for name, values in per_image.items()},
+                                 "matched_reconstruction": int(order[row, j])}
+                                for j, (i, y, p) in enumerate(zip(trial.images, labels, guesses))]
         records.append(record)
     return records
+
+
+def per_image_metrics(cfg: DictConfig) -> dict:
+    """name -> f(reconstructions, private images) -> (N,): MSE, PSNR, SSIM, and LPIPS with `metrics.lpips`
+    set (its backbone was checked at startup by `validate`), in the order records list them."""
+    found = {"mse": metrics.mse, "psnr": metrics.psnr, "ssim": metrics.ssim}
+    net = OmegaConf.select(cfg, "metrics.lpips", default=False)
+    if net not in (False, None):
+        metric = metrics.lpips_metric(net)
+        found["lpips"] = lambda reconstruction, target: metrics.lpips(reconstruction, target, metric)
+    return found
 
 
 def record_axes(cfg: DictConfig) -> dict:
@@ -650,23 +659,40 @@ SUMMARY_TITLE = "lightning_idlg summary"
 file_log = logging.getLogger("lightning_idlg.logfile")  # the run's log file only (configs/hydra/job_logging)
 
 
+def summary_columns(summary: dict[str, dict]) -> tuple[str, ...]:
+    """SUMMARY_COLUMNS, with LPIPS after SSIM where a method has it (metrics.lpips=...)."""
+    if not any("lpips" in s for s in summary.values()):
+        return SUMMARY_COLUMNS
+    at = SUMMARY_COLUMNS.index("SSIM") + 1
+    return (*SUMMARY_COLUMNS[:at], "LPIPS", *SUMMARY_COLUMNS[at:])
+
+
+def summary_note(summary: dict[str, dict]) -> tuple[str, ...]:
+    if "LPIPS" not in summary_columns(summary):
+        return SUMMARY_NOTE
+    return tuple(line.replace("SSIM, ", "SSIM, LPIPS, ") for line in SUMMARY_NOTE)
+
+
 def summary_rows(summary: dict[str, dict]) -> list[list[str]]:
+    lpips = "LPIPS" in summary_columns(summary)
     rows = []
     for method, s in summary.items():
         f = s["fidelity"]
         rows.append([method, str(s["trials"]), f"{s['label_accuracy']:.3f}", f"{f['0.01']:.3f}", f"{f['0.001']:.3f}",
                      f"{f['0.0001']:.3f}", str(s["status"]["converged"]), str(s["status"]["diverged"]),
-                     f"{s['psnr']:.1f}", f"{s['ssim']:.3f}", f"{s['steps_to_converge']:.0f}"])
+                     f"{s['psnr']:.1f}", f"{s['ssim']:.3f}", *([f"{s.get('lpips', math.nan):.3f}"] * lpips),
+                     f"{s['steps_to_converge']:.0f}"])
     return rows
 
 
 def summary_text(summary: dict[str, dict]) -> str:
-    """The summary as plain text, 76 columns at most (also in the log file, and without a terminal)."""
-    rows = [list(SUMMARY_COLUMNS), *summary_rows(summary)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(SUMMARY_COLUMNS))]
+    """The summary as plain text, 80 columns at most (also in the log file, and without a terminal)."""
+    columns = summary_columns(summary)
+    rows = [list(columns), *summary_rows(summary)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return "\n".join([SUMMARY_TITLE, *lines, *SUMMARY_NOTE])
+    return "\n".join([SUMMARY_TITLE, *lines, *summary_note(summary)])
 
 
 def print_summary(summary: dict[str, dict], console: Console) -> None:
@@ -678,10 +704,10 @@ def print_summary(summary: dict[str, dict], console: Console) -> None:
         console.file.write(text + "\n")
         console.file.flush()
         return
-    table = Table(title=SUMMARY_TITLE, caption="\n".join(SUMMARY_NOTE), box=box.SIMPLE_HEAD, padding=(0, 1),
+    table = Table(title=SUMMARY_TITLE, caption="\n".join(summary_note(summary)), box=box.SIMPLE_HEAD, padding=(0, 1),
                   collapse_padding=True, pad_edge=False, show_edge=False, title_justify="left",
                   caption_justify="left")  # 74 columns for 1,000 trials
-    for column in SUMMARY_COLUMNS:
+    for column in summary_columns(summary):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for row in summary_rows(summary):
         table.add_row(*row)

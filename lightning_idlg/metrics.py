@@ -4,17 +4,29 @@ One definition for everything we report:
 - `mse`: mean squared error over all pixels on raw, unclamped values (the paper's fidelity measure; a
   diverged dummy gives huge or non-finite values, which is the point);
 - `psnr`, `ssim`: torchmetrics on images clamped to [0, 1] (data_range 1), per image;
+- `lpips` (optional, `metrics.lpips=alex|vgg|squeeze`): torchmetrics' LPIPS of x' clamped to [0, 1]
+  against x, both mapped to LPIPS' [-1, 1] (`normalize=True`); lower is more alike, 0 for identical images;
 - `fidelity`: share of trials with MSE strictly below each threshold (the paper's Figure 1).
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from lightning_idlg.errors import ConfigError
+
 FIDELITY_THRESHOLDS = (0.01, 0.005, 0.001, 0.0005, 0.0001)
+# metrics.lpips=<backbone>: the torchvision weights enum whose ImageNet weights LPIPS' backbone loads (the
+# linear layers on top ship inside torchmetrics: functional/image/lpips_models/<backbone>.pth)
+LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+# AlexNet's strides leave nothing of an image under 31 pixels (28 x 28 MNIST fails in its second max-pool);
+# smaller images are upsampled to this size for every backbone, so that backbones see the same input
+LPIPS_MIN_SIZE = 32
 
 
 def mse(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -34,6 +46,73 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(K,) SSIM (Gaussian window 11, sigma 1.5; torchmetrics defaults) of x' clamped to [0, 1]."""
     preds = _clamped(reconstruction)
     return structural_similarity_index_measure(preds, target.float(), data_range=1.0, reduction="none")
+
+
+def lpips(reconstruction: torch.Tensor, target: torch.Tensor, metric) -> torch.Tensor:
+    """(K,) LPIPS of x' clamped to [0, 1] against x, by `metric` (`lpips_metric`: torchmetrics'
+    LearnedPerceptualImagePatchSimilarity, reduction "none", normalize=True, which maps [0, 1] to LPIPS'
+    [-1, 1]). The images go through `lpips_input` first: grayscale (MNIST, digits) repeated to 3 channels
+    and images under 32 x 32 upsampled, since LPIPS' backbones are ImageNet RGB networks. Computed on the
+    CPU: the images are small, and evaluation should not hold accelerator memory."""
+    preds = lpips_input(_clamped(reconstruction.detach().cpu()))
+    truth = lpips_input(target.detach().cpu().float().clamp(0.0, 1.0))
+    metric.reset()
+    metric.update(preds, truth)
+    scores = metric.compute().reshape(-1)
+    metric.reset()  # the metric is cached across batches: hold no images
+    return scores
+
+
+def lpips_input(images: torch.Tensor) -> torch.Tensor:
+    """(K, 3, H', W') images in [0, 1] as LPIPS' backbones take them: one channel repeated to RGB (a gray
+    image is R = G = B), and sides under LPIPS_MIN_SIZE upsampled bilinearly to it."""
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    if min(images.shape[-2:]) < LPIPS_MIN_SIZE:
+        size = [max(s, LPIPS_MIN_SIZE) for s in images.shape[-2:]]
+        images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+    return images.clamp(0.0, 1.0)
+
+
+def lpips_weights(net: str) -> tuple[Path, str]:
+    """(where torchvision looks for the backbone's ImageNet weights, where they come from):
+    `torch.hub.get_dir()` ($TORCH_HOME/hub, default ~/.cache/torch/hub) / checkpoints / the URL's file name."""
+    import torchvision
+
+    url = getattr(torchvision.models, LPIPS_BACKBONES[net]).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
+
+
+def check_lpips(net) -> None:
+    """One-line ConfigError, before any attack, unless `net` is off (false / null) or a backbone whose
+    weights are on disk: torchvision would otherwise try to download them mid-run (no network here: an
+    error after the attacks), and skipping the metric silently would leave records without it."""
+    if net in (False, None):
+        return
+    if net not in LPIPS_BACKBONES:
+        raise ConfigError(f"metrics.lpips={net!r} is not known; valid: false, {', '.join(LPIPS_BACKBONES)}")
+    path, url = lpips_weights(net)
+    if not path.is_file():
+        builder = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}[net]
+        raise ConfigError(
+            f"metrics.lpips={net} needs the backbone's ImageNet weights {path} (missing); on a machine with "
+            f"internet run `python -c \"import torchvision; torchvision.models.{builder}(weights='DEFAULT')\"` "
+            f"(or download {url}) and copy the file to {path} (set TORCH_HOME to choose the folder), "
+            "or run with metrics.lpips=false")
+
+
+def lpips_metric(net: str):
+    """The LPIPS metric of backbone `net` (checked by `check_lpips`), built once per process and weights
+    file: loading a backbone takes a moment, and evaluation asks for it every batch."""
+    check_lpips(net)
+    return _lpips_metric(net, str(lpips_weights(net)[0]))
+
+
+@lru_cache(maxsize=None)
+def _lpips_metric(net: str, weights: str):
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    return LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True)
 
 
 def _clamped(images: torch.Tensor) -> torch.Tensor:

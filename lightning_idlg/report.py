@@ -18,8 +18,10 @@ Written into `--out`:
   ours where the paper has the data set (MNIST, CIFAR-100, LFW);
 - `label_accuracy.csv`: the paper's Table 1;
 - `fidelity.csv`, `fidelity.png`: share of trials with MSE below each threshold (the paper's Figure 1);
-- `convergence.csv`: status counts, total restarts and medians (steps, evaluations, PSNR, SSIM, MSE, seconds
-  per trial);
+- `convergence.csv`: status counts, total restarts and medians (steps, evaluations, PSNR, SSIM, LPIPS where
+  recorded, MSE, seconds per trial);
+- `victims.csv`: per attack, victim (model and settings) and checkpoint (init or saved weights): successes and
+  median PSNR, SSIM, LPIPS;
 - `progress_*.png`: reconstruction strips with step labels, DLG row above iDLG (the paper's Figure 2).
 """
 
@@ -65,8 +67,10 @@ LINES = {"paper": "-", "improved": "-.", "custom": ":"}   # ours by protocol; th
 PLACEMENT = ("hydra", "seed", "trials", "trials_per_group", "threads", "progress_bar", "pictures", "progress_trials",
              "snapshot_every", "logger", "optimized_metric", "dataset.root", "dataset.download", "trainer.accelerator",
              "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.enable_checkpointing",
-             "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.num_sanity_val_steps")
+             "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.num_sanity_val_steps",
+             "metrics")   # evaluation only: adds numbers (metrics.lpips) to records, changes none
 DASH = "—"
+SUCCESS_MSE = 1e-3   # a trial "succeeds" below this MSE (the threshold the leakage tables use)
 
 
 @dataclass
@@ -302,6 +306,7 @@ def convergence_rows(groups) -> list[dict]:
                 "median_evaluations_to_converge": s["evaluations_to_converge"],
                 "median_psnr": s["psnr"],
                 "median_ssim": s["ssim"],
+                "median_lpips": s.get("lpips"),         # None (empty cell): no record of the group has LPIPS
                 "median_mse": s["mse"],
                 "median_seconds_per_trial": g.seconds_per_trial,
                 "total_seconds": s["seconds"],
@@ -320,6 +325,104 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def _blank(value):
     return "" if value is None else value
+
+
+# -- attack x victim x checkpoint ---------------------------------------------------------------------
+def victim_rows(runs: list[Run]) -> list[dict]:
+    """One row per data set, attack, victim and checkpoint (and remaining config, as a hash where it is not
+    the only one): trials, successes (MSE < 1e-3), median PSNR, SSIM and LPIPS (over the records that have
+    it; None where none has). Victim and checkpoint come from each run's config, whatever the model's keys
+    are, so a new victim or init needs no edit here."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for run in runs:
+        model = model_config(run)
+        dropped = {k for k in setting(run.config) if k == "model" or k.startswith("model.")}
+        for record in run.records:
+            own = model if run.config else model_config(run, record)   # no config.yaml: the record's axes
+            groups[str(record["dataset"]), record["method"], victim_name(own), checkpoint_name(own),
+                   leakage._config_key(record, run.config, dropped)].append(record)
+    rows = []
+    for (dataset, method, victim, checkpoint, config), records in sorted(groups.items(), key=_victim_rank):
+        lpips = [float(r["lpips"]) for r in records if "lpips" in r]
+        rows.append({"dataset": dataset, "attack": method, "victim": victim, "checkpoint": checkpoint,
+                     "config": config, "trials": len(records),
+                     "successes": sum(1 for r in records if float(r["mse"]) < SUCCESS_MSE),
+                     "median_psnr": median([float(r["psnr"]) for r in records]),
+                     "median_ssim": median([float(r["ssim"]) for r in records]),
+                     "median_lpips": median(lpips) if lpips else None, "lpips_trials": len(lpips)})
+    leakage._drop_config_where_unique(rows, ("dataset", "attack", "victim", "checkpoint"))
+    return rows
+
+
+def model_config(run: Run, record: dict | None = None) -> dict:
+    """The victim's flat `model.*` keys: from the run's config.yaml; without one, from the record's `axes`
+    (class names, not import paths); with neither, the paper's victim (such a run counts as the paper's)."""
+    flat = paper.flatten(run.config)
+    if any(k.startswith("model.") for k in flat):
+        return {k: v for k, v in flat.items() if k.startswith("model.")}
+    axes = (record or {}).get("axes") or {}
+    if "model" in axes:
+        return {"model.factory._target_": axes["model"], "model.init._target_": axes.get("model.init"),
+                **{k: v for k, v in axes.items() if k.startswith(("model.factory.", "model.init."))}}
+    return {k: v for k, v in paper.PROTOCOL.items() if k.startswith("model.")}
+
+
+def victim_name(model: dict) -> str:
+    """"LeNet (activation=sigmoid, width=12)": the victim's class (an own model's `model.factory.target`) and
+    every other key of its factory, so victims that differ in any setting get rows of their own."""
+    target = model.get("model.factory.target") or model.get("model.factory._target_")
+    if not target:
+        return DASH
+    keys = {k.split(".", 2)[2]: v for k, v in model.items()
+            if k.startswith("model.factory.") and not k.split(".", 2)[2].startswith("_") and k != "model.factory.target"}
+    return _named(str(target).rsplit(".", 1)[-1], keys)
+
+
+def checkpoint_name(model: dict) -> str:
+    """The victim's weights: a checkpoint's file name, else the init's class without `Init`, lower case, with
+    its keys ("uniform (scale=0.5)", "default"); a config.yaml from before inits were classes (`init: uniform`,
+    `init_scale: 0.5`) reads the same."""
+    if model.get("model.init.path"):
+        return Path(str(model["model.init.path"])).name
+    target = model.get("model.init._target_") or model.get("model.init")
+    if not target:
+        return DASH
+    name = str(target).rsplit(".", 1)[-1]
+    name = (name[:-len("Init")] if name.endswith("Init") and name != "Init" else name).lower()
+    keys = {k.split(".", 2)[2]: v for k, v in model.items()
+            if k.startswith("model.init.") and not k.split(".", 2)[2].startswith("_") and k != "model.init.path"}
+    keys.update({k[len("model.init_"):]: v for k, v in model.items() if k.startswith("model.init_")})  # init_scale
+    return _named(name, keys)
+
+
+def _named(name: str, keys: dict) -> str:
+    return name + (" (" + ", ".join(f"{k}={_value(v)}" for k, v in sorted(keys.items())) + ")" if keys else "")
+
+
+def _victim_rank(item):
+    dataset, method, victim, checkpoint, config = item[0]
+    return (_dataset_rank(dataset), _method_rank(method), victim, checkpoint, config)
+
+
+def victim_section(rows: list[dict]) -> list[str]:
+    """The markdown table of `victim_rows`."""
+    show_config = any(r["config"] for r in rows)
+    header = ["data set", "attack", "victim", "checkpoint", "trials", "MSE < 1e-3", "PSNR (dB)", "SSIM", "LPIPS"]
+    lines = ["## Attack, victim and checkpoint", "",
+             "Per attack, victim (its model and settings) and checkpoint (the victim's weights: an init drawn per "
+             "trial, or a saved network's file): trials, successes (final MSE < 1e-3), medians of PSNR and SSIM "
+             "(images clamped to [0, 1]) and of LPIPS over the trials that recorded it (`metrics.lpips=...`; "
+             f"{DASH}: none did; (n): fewer than all). Rows pool records whose settings agree on everything but "
+             "the seed, the number of trials and where they ran; a `config` hash tells apart rows whose columns "
+             "agree but whose other settings differ.", "",
+             *_table(header + ["config"] * show_config, [[
+                 r["dataset"], METHOD_NAMES.get(r["attack"], r["attack"]), r["victim"], r["checkpoint"], r["trials"],
+                 f"{r['successes']}/{r['trials']}", _num(r["median_psnr"], ".1f"), _num(r["median_ssim"], ".3f"),
+                 _num(r["median_lpips"], ".3f") + (f" ({r['lpips_trials']})"
+                                                  if 0 < r["lpips_trials"] < r["trials"] else ""),
+                 *([r["config"]] * show_config)] for r in rows]),
+             "", "CSV: `victims.csv`.", ""]
+    return lines
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -559,13 +662,16 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
               "(images clamped to [0, 1]) and MSE over all trials; seconds per trial = a batch's wall time "
               "divided by its trials; restarts = total over the trials (the paper protocol has none; records "
               "from before restarts count 0).", ""]
-    header = ["data set", "method", "trials", *STATUSES, "steps", "evaluations", "PSNR (dB)", "SSIM", "MSE",
-              "s / trial", "restarts"]
+    converged = convergence_rows(groups)
+    lpips = any(r["median_lpips"] is not None for r in converged)   # a column only where some run recorded it
+    header = ["data set", "method", "trials", *STATUSES, "steps", "evaluations", "PSNR (dB)", "SSIM",
+              *["LPIPS"] * lpips, "MSE", "s / trial", "restarts"]
     rows = [[_row_label(r["dataset"], r["protocol"]), METHOD_NAMES.get(r["method"], r["method"]), r["trials"],
              *(r[s] for s in STATUSES), _num(r["median_steps_to_converge"]),
              _num(r["median_evaluations_to_converge"]), _num(r["median_psnr"], ".1f"), _num(r["median_ssim"], ".3f"),
+             *[_num(r["median_lpips"], ".3f")] * lpips,
              _sci(r["median_mse"]) if not math.isnan(r["median_mse"]) else DASH,
-             _num(r["median_seconds_per_trial"], ".3g"), r["restarts"]] for r in convergence_rows(groups)]
+             _num(r["median_seconds_per_trial"], ".3g"), r["restarts"]] for r in converged]
     lines += _table(header, rows) + ["", "CSV: `convergence.csv`.", ""]
 
     lines += ["## Notes", ""]
@@ -697,8 +803,12 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
 
 
 def _axes_sections(runs: list[Run], out: Path, by: list[str]) -> list[str]:
-    """The defense section (where some run had a defense: leakage.csv, leakage.png) and the --by table."""
+    """The attack x victim x checkpoint table (victims.csv), the defense section (where some run had a
+    defense: leakage.csv, leakage.png) and the --by table."""
     lines = []
+    victims = victim_rows(runs)
+    write_csv(out / "victims.csv", victims)
+    lines += ["", *victim_section(victims)]
     rows = leakage.leakage_rows(runs)
     if any(r["defense"] != "none" for r in rows):
         write_csv(out / "leakage.csv", rows)

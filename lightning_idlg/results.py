@@ -105,7 +105,8 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def summarize(records: list[dict], duplicates: Counter | None = None) -> dict[str, dict]:
-    """Per method: trials, label_accuracy, fidelity at the five thresholds, status counts, medians, and
+    """Per method: trials, label_accuracy, fidelity at the five thresholds, status counts, medians (`lpips`
+    only where records have it), and
     `duplicate_lines_ignored` (from `duplicates`, per method). `records` are counted as given: records of
     one run dir go through `unique` first (`write_summary`, the report), pooled runs may share indices."""
     duplicates = duplicates or Counter()
@@ -129,6 +130,9 @@ def summarize(records: list[dict], duplicates: Counter | None = None) -> dict[st
             "restarts": sum(int(r.get("restarts", 0)) for r in rows),  # records from before restarts: 0
             "duplicate_lines_ignored": duplicates.get(method, 0),
         }
+        lpips = [float(r["lpips"]) for r in rows if "lpips" in r]
+        if lpips:  # metrics.lpips=...: the median over the records that have it (a run without it: no key)
+            summary[method]["lpips"] = median(lpips)
     return summary
 
 

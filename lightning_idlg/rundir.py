@@ -50,6 +50,10 @@ EXCLUDE = (
     "dataset.root", "dataset.download",
 )
 RESUME_MODES = ("auto", "force")
+# keys added after run dirs with records existed, with the value that changes no record: at that value they
+# are left out of the settings, so those run dirs still resume (metrics.lpips=alex adds `lpips` to records:
+# it counts, and a rerun with it into a dir of records without it is refused)
+OFF_VALUES = {"metrics.lpips": (False, None)}
 
 
 # -- lock ---------------------------------------------------------------------------------------------------
@@ -112,6 +116,9 @@ def settings(cfg: DictConfig, method: str, dataset_size: int | None = None) -> d
     flat: dict = {}
     _flatten(cfg, "", flat, skip={f"attack.{m}" for m in _attacks(cfg) if m != method}
                                  | {f"method.{m}" for m in cfg.get("method") or {} if m != method})
+    for key, off in OFF_VALUES.items():
+        if key in flat and flat[key] in off:
+            del flat[key]
     if dataset_size is not None:
         flat["dataset.size"] = int(dataset_size)
     return dict(sorted(flat.items()))

@@ -30,7 +30,7 @@ IMAGE_EVERY, IMAGE_TRIALS = 10, 4  # panel defaults (configs/logger/wandb.yaml s
 TABLE_COLUMNS = ("method", "index", "label", "predicted_label", "mse", "psnr", "ssim", "status", "steps")
 # summary.json keys that share a name with a per-step curve (monitor.py); the run-wide value is the median
 # over all trials, so it is named apart instead of overwriting the curve's last value in W&B's summary
-MEDIANS = ("mse", "psnr", "ssim")
+MEDIANS = ("mse", "psnr", "ssim", "lpips")
 
 
 def has_api_key() -> bool:
@@ -142,13 +142,14 @@ def flat_summary(summary: dict[str, dict]) -> dict[str, float]:
     return flat
 
 
-def metric_names(methods) -> list[str]:
+def metric_names(methods, lpips: bool = False) -> list[str]:
     """Every flat name a run of `methods` has in its summary (from a stand-in record per method, so the
-    list cannot drift from summarize / flat_summary): lets a bad name fail before the run."""
+    list cannot drift from summarize / flat_summary): lets a bad name fail before the run. `lpips`: the run
+    records LPIPS (metrics.lpips), so `M/median_lpips` is one too."""
     from lightning_idlg.results import summarize
 
     stand_in = {"label_correct": True, "mse": 0.0, "psnr": 0.0, "ssim": 0.0, "status": "converged", "steps": 1,
-                "evaluations": 1, "seconds": 0.0}
+                "evaluations": 1, "seconds": 0.0, **({"lpips": 0.0} if lpips else {})}
     return list(flat_summary(summarize([{"method": m, **stand_in} for m in methods])))
 
 

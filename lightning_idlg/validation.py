@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.labels import LABEL_RULES
+from lightning_idlg.metrics import check_lpips
 from lightning_idlg.rundir import RESUME_MODES
 from lightning_idlg.victim import ACTIVATIONS
 
@@ -79,6 +80,7 @@ def validate_settings(cfg: DictConfig) -> None:
         if "rule" in (attack.get("label_strategy") or {}):
             one_of(f"attack.{name}.label_strategy.rule", attack.label_strategy.rule, LABEL_RULES)
     _validate_optimizer(cfg)
+    check_lpips(OmegaConf.select(cfg, "metrics.lpips", default=False))  # its weights too: before any attack
     _validate_probabilities(cfg, "")
 
 

@@ -393,3 +393,83 @@ def test_labelled_strips_are_copied_as_they_are(tmp_path):
     write_report([run], tmp_path / "out")
     assert (tmp_path / "out" / "progress_00_run_00000.png").read_bytes() == (
         run / "pictures" / "progress_00000.png").read_bytes()
+
+
+# -- attack x victim x checkpoint -----------------------------------------------------------------------
+LENET = {"_target_": "lightning_idlg.victim.LeNet", "_partial_": True, "activation": "sigmoid", "width": 12}
+UNIFORM = {"_target_": "lightning_idlg.victim.UniformInit", "scale": 0.5}
+
+
+def victim_config(seed, factory=LENET, init=UNIFORM):
+    return {"seed": seed, "steps": 300, "model": {"factory": factory, "init": init}}
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def with_lpips(r, value):
+    return {**r, "lpips": value} if value is not None else r
+
+
+def test_victim_table_groups_by_attack_victim_and_checkpoint(tmp_path):
+    # LeNet, uniform, DLG: two runs differing only in the seed pool: MSE 1e-4, 2e-3, 5e-4 -> 2 of 3 below 1e-3;
+    # PSNR 40, 20, 30 -> 30; SSIM 0.9, 0.3, 0.6 -> 0.6; LPIPS 0.1, 0.5, 0.2 -> 0.2
+    write_run(tmp_path / "a0", [with_lpips(record("dlg", 0, 1e-4, psnr=40.0, ssim=0.9), 0.1),
+                                with_lpips(record("dlg", 1, 2e-3, psnr=20.0, ssim=0.3), 0.5)],
+              config=victim_config(0))
+    write_run(tmp_path / "a1", [with_lpips(record("dlg", 0, 5e-4, psnr=30.0, ssim=0.6, seed=1), 0.2)],
+              config=victim_config(1))
+    # the same LeNet from a saved checkpoint, iDLG, no LPIPS recorded: PSNR 10, 14 -> 12; SSIM 0.2, 0.4 -> 0.3
+    write_run(tmp_path / "b", [record("idlg", 0, 1e-2, psnr=10.0, ssim=0.2), record("idlg", 1, 1e-5, psnr=14.0, ssim=0.4)],
+              config=victim_config(0, init={"_target_": "lightning_idlg.victim.CheckpointInit",
+                                            "path": "/models/lenet_trained.pt"}))
+    # an own victim (model=custom) with PyTorch's init, LPIPS on one trial of two
+    resnet = {"_target_": "lightning_idlg.victim.custom", "_partial_": True, "target": "zoo.ResNet20", "depth": 20}
+    write_run(tmp_path / "c", [with_lpips(record("dlg", 0, 0.5, psnr=9.0, ssim=0.1), 0.7),
+                               record("dlg", 1, 0.2, psnr=13.0, ssim=0.3)],
+              config=victim_config(0, factory=resnet, init={"_target_": "lightning_idlg.victim.DefaultInit"}))
+    out = write_report([tmp_path], tmp_path / "report")
+    rows = {(r["attack"], r["victim"], r["checkpoint"]): r for r in csv_rows(tmp_path / "report" / "victims.csv")}
+    assert set(rows) == {("dlg", "LeNet (activation=sigmoid, width=12)", "uniform (scale=0.5)"),
+                         ("idlg", "LeNet (activation=sigmoid, width=12)", "lenet_trained.pt"),
+                         ("dlg", "ResNet20 (depth=20)", "default")}
+    lenet = rows["dlg", "LeNet (activation=sigmoid, width=12)", "uniform (scale=0.5)"]
+    assert (int(lenet["trials"]), int(lenet["successes"]), lenet["config"]) == (3, 2, "")
+    assert [float(lenet[k]) for k in ("median_psnr", "median_ssim", "median_lpips")] == [30.0, 0.6, 0.2]
+    saved = rows["idlg", "LeNet (activation=sigmoid, width=12)", "lenet_trained.pt"]
+    assert (int(saved["successes"]), float(saved["median_psnr"]), float(saved["median_ssim"])) == pytest.approx((1, 12.0, 0.3))
+    assert saved["median_lpips"] == "" and saved["lpips_trials"] == "0"
+    resnet_row = rows["dlg", "ResNet20 (depth=20)", "default"]
+    assert (float(resnet_row["median_psnr"]), float(resnet_row["median_lpips"]), resnet_row["lpips_trials"]) == (11.0, 0.7, "1")
+    text = out.read_text()
+    assert "| mnist | DLG | LeNet (activation=sigmoid, width=12) | uniform (scale=0.5) | 3 | 2/3 | 30.0 | 0.600 | 0.200 |" in text
+    assert "| mnist | iDLG | LeNet (activation=sigmoid, width=12) | lenet_trained.pt | 2 | 1/2 | 12.0 | 0.300 | — |" in text
+    assert "| mnist | DLG | ResNet20 (depth=20) | default | 2 | 0/2 | 11.0 | 0.200 | 0.700 (1) |" in text
+
+
+def test_victim_table_keeps_apart_runs_that_differ_elsewhere_and_reads_axes_without_a_config(tmp_path):
+    write_run(tmp_path / "a", [record("dlg", 0, 1e-4)], config=victim_config(0))
+    write_run(tmp_path / "b", [record("dlg", 0, 1e-4)], config={**victim_config(0), "steps": 10})
+    axes = {"model": "MLP", "model.factory.activation": "relu", "model.factory.hidden": [64], "model.init": "DefaultInit"}
+    write_run(tmp_path / "c", [{**record("dlg", 0, 1e-4), "axes": axes}])
+    legacy = {"seed": 0, "steps": 300, "model": {"factory": LENET, "init": "uniform", "init_scale": 0.5}}
+    write_run(tmp_path / "d", [record("dlg", 1, 1e-2)], config=legacy)   # a config.yaml from before init nodes
+    write_report([tmp_path], tmp_path / "report")
+    rows = csv_rows(tmp_path / "report" / "victims.csv")
+    lenet = [r for r in rows if r["victim"].startswith("LeNet")]
+    assert len(lenet) == 2 and len({r["config"] for r in lenet}) == 2 and all(r["config"] for r in lenet)
+    assert {r["checkpoint"] for r in lenet} == {"uniform (scale=0.5)"}
+    assert sorted(int(r["trials"]) for r in lenet) == [1, 2]   # the legacy run pools with the 300-step one
+    (mlp,) = [r for r in rows if r["victim"].startswith("MLP")]
+    assert (mlp["victim"], mlp["checkpoint"]) == ("MLP (activation=relu, hidden=[64])", "default")
+
+
+def test_convergence_shows_median_lpips_only_where_recorded(tmp_path):
+    write_run(tmp_path / "a", [with_lpips(record("dlg", i, 1e-4), v) for i, v in enumerate((0.3, 0.1, 0.2))])
+    write_run(tmp_path / "b", [record("idlg", 0, 1e-4)])
+    out = write_report([tmp_path], tmp_path / "report")
+    conv = {r["method"]: r for r in csv_rows(tmp_path / "report" / "convergence.csv")}
+    assert float(conv["dlg"]["median_lpips"]) == 0.2 and conv["idlg"]["median_lpips"] == ""
+    assert "| PSNR (dB) | SSIM | LPIPS | MSE |" in out.read_text()
