@@ -31,8 +31,8 @@ checked one for one), our dummy start as `reconstruct(initial_data=...)`. Its da
 `normalize=False`, mean 0, std 1 (the same [0, 1] tensors; IG's box is [0, 1]), BatchNorm in the mode of our
 client (`client.mode=train`: no public buffers, batch statistics; eval: the server sends the buffers), and
 the labels as ours get them (iDLG extraction, or given). Checksums of images, labels and weights are
-printed per side (breaching's taken from what its user and its model's payload hold), and the largest
-relative difference of breaching's shared gradient from ours.
+printed per side (breaching's taken from what its user and its model's payload hold), and the relative
+L2 difference of breaching's shared gradient from ours (all tensors as one vector; over 1e-4 fails).
 
 Cores: both sides get --cores processes of one thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1)).
 Ours: the app's own parallelism (`trainer=ddp trainer.devices=<cores> threads=1`, trials per group auto).
@@ -286,7 +286,7 @@ def check_same_trials(case: dict, ours: dict, theirs: dict) -> list[str]:
         if t["seen"] != b["seen"]:
             problems.append(f"trial {t['index']}: breaching saw {b['seen']}, ours {t['seen']}")
     worst = max(r["gradient_error"] for r in theirs["trials"])
-    print(f"  shared gradient: breaching's user against our client, largest relative difference {worst:.1e}")
+    print(f"  shared gradient: breaching's user against our client, relative L2 difference {worst:.1e} at most")
     if worst > 1e-4:
         problems.append(f"breaching's shared gradient differs from ours by up to {worst:.1e} (relative)")
     return problems
