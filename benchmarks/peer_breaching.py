@@ -223,7 +223,7 @@ def our_side(args, comparison: Comparison, out: Path, method: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- breaching
 
-def breaching_side(args, comparison: Comparison, out: Path, case_dir: Path, ours: dict) -> dict:
+def breaching_side(args, comparison: Comparison, out: Path, case_dir: Path, case: dict) -> dict:
     """breaching's workers, one process per core, trial i in process i mod cores; metrics by ours."""
     from lightning_idlg import metrics
 
@@ -234,7 +234,7 @@ def breaching_side(args, comparison: Comparison, out: Path, case_dir: Path, ours
     run = timed_group(commands, [out / f"{comparison.name}_breaching.{i}.log" for i in range(args.cores)],
                       env=ONE_THREAD)
     parts = [torch.load(f, weights_only=True) for f in shards]
-    truth = {t["index"]: t for t in ours["trials"]}
+    truth = {t["index"]: t for t in case["trials"]}
     rows = []
     for r in sorted((r for p in parts for r in p["trials"]), key=lambda r: r["index"]):
         t = truth[r["index"]]
