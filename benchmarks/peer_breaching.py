@@ -54,7 +54,8 @@ not; both divide by the pixels x channels.
 Prints per comparison and side: attacks per minute, attacks per CPU-minute, success, label accuracy,
 median PSNR and SSIM, median objective evaluations; then the ratio ours / theirs. The last lines are
 machine-readable, `ratio_per_cpu_minute <comparison>: X` (comparison: dlg, ig_<model>[_checkpoint]).
-Logs, the case files, both sides' outputs and results.json go to outputs/benchmarks/peer-<time>/ (--out).
+Logs, both sides' outputs and results.json (every trial of both sides) go to outputs/benchmarks/peer-<time>/
+(--out); the trial files handed to breaching too with --keep-cases.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -313,6 +315,7 @@ def main() -> None:
     parser.add_argument("--ig-override", action="append", default=[], metavar="KEY=VALUE",
                         help="a further Hydra override of our IG runs")
     parser.add_argument("--per-trial", action="store_true", help="also print each trial's MSE, PSNR, evaluations")
+    parser.add_argument("--keep-cases", action="store_true", help="keep the trial files handed to breaching")
     parser.add_argument("--breaching-venv", default="/work/breaching-venv", help="the venv with breaching 0.1.2")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"), help="logs, cases and runs")
     args = parser.parse_args()
@@ -332,6 +335,8 @@ def main() -> None:
         case = write_case(args, comparison, case_dir)
         ours = our_side(args, comparison, out, case["method"])
         theirs = breaching_side(args, comparison, out, case_dir, case)
+        if not args.keep_cases:  # 25 MB a trial for ConvNet
+            shutil.rmtree(case_dir)
         print(f"{comparison.name}: {comparison.title}")
         print(f"  ours: lightning-idlg {ours['command']}")
         print(f"  breaching: {' '.join(case['overrides'])}")
