@@ -19,8 +19,10 @@ Comparisons (`--attacks`):
     `dataset=cifar100 method=ig model=<m> steps=<--ig-steps>` (breaching's settings: cosine objective, TV
     0.2, signed Adam lr 0.1 with step decay, box [0, 1], best iterate, no early stop, labels by iDLG's
     rule), breaching `attack=invertinggradients attack.optim.max_iterations=<--ig-steps>`. Both get the
-    same budget (breaching's default, 24,000, is too slow for a CPU benchmark: on one loaded core its
-    ConvNet took ~0.25 s CPU an iteration, ResNet-20 ~0.04 s).
+    same budget (breaching's default, 24,000, is too slow for a CPU benchmark). Cost per trial and
+    iteration on one core, both sides alike (measured on a loaded machine): ConvNet ~0.22 s CPU, ResNet-20
+    ~0.03 s; so 20 trials at 2,400 iterations take ~3 CPU-hours per side on ConvNet, ~25 CPU-minutes on
+    ResNet-20 (--attacks ig --ig-models resnet20 runs one alone).
 
 Same trials: our side composes the app's own config with the same overrides as its run and takes, for the
 seed, the app's trial plan (experiment.plan_trials: which CIFAR-100 images, victim and dummy seeds) and
