@@ -11,8 +11,8 @@ of `label_metrics` compare them with the private labels afterwards. Clients are 
 Label draws (`labels`, one mode or a list):
 - `distinct`: B different classes (uniform), one image of each: the setting of Yin et al.; needs B <= the
   classes present (larger B: no row for that cell);
-- `repeated`: max(1, B // 2) different classes, each at least once, the other labels drawn from those same
-  classes: every client with B >= 2 holds a repeated label (the setting of LLG's counting);
+- `repeated`: max(1, B // 2) different classes (at most the classes present), each at least once, the other
+  labels drawn from those same classes: every client with B >= 2 holds a repeated label (LLG's setting);
 - `random`: B images drawn uniformly from the data set, labels as they fall.
 Within a class, a client's images are distinct while the class has enough of them, else drawn again.
 
@@ -71,7 +71,7 @@ def draw_clients(labels: torch.Tensor, batch_size: int, mode: str, clients: int,
     by_class = {int(c): (labels == c).nonzero().flatten() for c in present}
     if mode == "random":
         return torch.stack([torch.randperm(len(labels), generator=generator)[:batch_size] for _ in range(clients)])
-    kinds = batch_size if mode == "distinct" else max(1, batch_size // 2)
+    kinds = batch_size if mode == "distinct" else min(max(1, batch_size // 2), len(present))
     if kinds > len(present):
         return None
     rows = []
@@ -166,14 +166,13 @@ def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
     """Every cell's row (COLUMNS): scores averaged over the cell's clients."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.defenses import compose
     from lightning_idlg.label_metrics import score
 
     validate(cfg)
     parts = strategies(cfg)
     dataset = _instantiate_dataset(cfg)
     images, labels = dataset_tensors(dataset)
-    defense = compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
+    defense = compose_defense(cfg)
     describe = _describe(cfg, dataset, overrides)
     group = cfg.clients_per_group
     chunks = [list(range(s, min(s + group, cfg.clients))) for s in range(0, cfg.clients, group)]
@@ -205,6 +204,15 @@ def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
     return [{**describe, "labels": mode, "batch_size": b, "strategy": name,
              "distinct_assumed": parts[name].distinct, "clients": int(t["clients"]),
              **{s: t[s] / t["clients"] for s in SCORE_NAMES}} for (mode, b, name), t in sums.items()]
+
+
+def compose_defense(cfg: DictConfig):
+    """The client's defenses (defense=..., a list applies them in order), as in the attack runs."""
+    from hydra.utils import instantiate
+
+    from lightning_idlg.defenses import compose
+
+    return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
 
 
 def _instantiate_dataset(cfg: DictConfig):

@@ -1,4 +1,5 @@
-"""iDLG label extraction from the shared gradient of the last Linear layer (batch size 1).
+"""Label strategies: iDLG's label extraction from the shared gradient of the last Linear layer (batch size 1)
+and, further down, batch label restoration for clients of B samples (Yin, LLG, LLG+, bias-corrected).
 
 With cross-entropy and one-hot label c, the gradient w.r.t. logit i is g_i = softmax_i - [i == c]: only
 g_c is negative. For y = W a + b: grad_b = g and row i of grad_W is g_i * a. Three rules follow:
