@@ -282,35 +282,49 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Instance (solid) and exact-multiset (dashed) accuracy against B, one panel per group, one colour per
-    strategy."""
+    """Instance (solid) and exact-multiset (dashed) accuracy against B: one row of panels per data set and
+    victim, one column per label draw, one colour per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["dataset"], r["model"], r["activation"], r["labels"]) for r in rows})
+    victims = sorted({(r["dataset"], r["model"], r["activation"]) for r in rows})
+    modes = [m for m in LABEL_MODES if any(r["labels"] == m for r in rows)]
     names = list(dict.fromkeys(r["strategy"] for r in rows))
     colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], groups):
-        for name in names:
-            cells = sorted((r for r in rows if (r["dataset"], r["model"], r["activation"], r["labels"]) == key
-                            and r["strategy"] == name), key=lambda r: r["batch_size"])
-            if not cells:
-                continue
-            x = [r["batch_size"] for r in cells]
-            ax.plot(x, [r["instance_accuracy"] for r in cells], "-o", ms=3, color=colours[name], label=name)
-            ax.plot(x, [r["exact"] for r in cells], "--", color=colours[name], alpha=0.6)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("client batch size B")
-        ax.set_title(f"{key[0]}, {key[1]} ({key[2] or 'default'}), {key[3]}", fontsize=9)
-    axes[0][0].set_ylabel("accuracy (solid: instance, dashed: exact)")
+    fig, axes = plt.subplots(len(victims), len(modes), figsize=(4.2 * len(modes), 3.2 * len(victims)),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, victim in enumerate(victims):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            for name in names:
+                cells = sorted((r for r in rows if (r["dataset"], r["model"], r["activation"]) == victim
+                                and r["labels"] == mode and r["strategy"] == name), key=lambda r: r["batch_size"])
+                if cells:
+                    x = [r["batch_size"] for r in cells]
+                    ax.plot(x, [r["instance_accuracy"] for r in cells], "-o", ms=3, color=colours[name], label=name)
+                    ax.plot(x, [r["exact"] for r in cells], "--", color=colours[name], alpha=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{victim[0]}, {victim[1]} ({victim[2] or 'default'}), {mode} labels", fontsize=9)
+            if i == len(victims) - 1:
+                ax.set_xlabel("client batch size B")
+        axes[i][0].set_ylabel("accuracy\n(solid: instance, dashed: exact)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a labels.csv with numbers as numbers (to merge runs into one table or plot)."""
+    rows = []
+    for row in csv.DictReader(open(path)):
+        row["batch_size"], row["clients"] = int(row["batch_size"]), int(row["clients"])
+        row.update({s: float(row[s]) for s in SCORE_NAMES})
+        rows.append(row)
+    return rows
 
 
 def write_outputs(rows: list[dict], out_dir: Path) -> None:
