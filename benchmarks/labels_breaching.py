@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BREACHING_PYTHON = "/work/breaching-venv/bin/python"
 # breaching's name -> ours (configs/label_restoration.yaml strategies); the same method on both sides
-PAIRS = {"iDLG": "iDLG", "yin": "Yin", "wainakh-simple": "LLG", "wainakh-whitebox": "LLG+",
+PAIRS = {"iDLG": "iDLG", "yin": "Yin", "wainakh-simple": "LLG", "wainakh-whitebox": "LLGPlus",
          "bias-corrected": "bias-corrected"}
 
 

@@ -134,7 +134,7 @@ def strategies(cfg: DictConfig) -> dict:
         except InstantiationException as err:
             if isinstance(err.__cause__, ConfigError):
                 raise err.__cause__ from None
-            raise
+            raise ConfigError(f"strategies.{name} cannot be built: {str(err).splitlines()[0]}") from None
         if getattr(part, "learned", True) or not hasattr(part, "restore"):
             raise ConfigError(f"strategies.{name} is not a label strategy that restores labels; valid: "
                               "lightning_idlg.labels.AnalyticLabel, Yin, LLG, LLGPlus, BiasCorrected")

@@ -187,7 +187,7 @@ def test_cli_writes_rows(tmp_path):
     cells = {(r["labels"], int(r["batch_size"]), r["strategy"]) for r in rows}
     # digits has 10 classes: no distinct cell at B = 16; Yin needs B <= 10; iDLG only at B = 1
     assert ("distinct", 16, "LLG") not in cells and ("repeated", 16, "Yin") not in cells
-    assert ("repeated", 16, "LLG+") in cells and ("distinct", 1, "iDLG") in cells
+    assert ("repeated", 16, "LLGPlus") in cells and ("distinct", 1, "iDLG") in cells
     assert ("distinct", 2, "iDLG") not in cells
     assert len(cells) == len(rows) == 5 + 5 + 4 + 4 + 3
     for r in rows:
