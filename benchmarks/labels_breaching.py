@@ -50,7 +50,7 @@ def our_side(overrides: list[str], clients: int, work: Path) -> tuple[list[dict]
     torch.set_num_threads(1)
     lr.validate(cfg)
     parts = lr.strategies(cfg)
-    dataset = lr._instantiate_dataset(cfg)
+    dataset = lr.load_dataset(cfg)
     images, labels = lr.dataset_tensors(dataset)
     chunk = list(range(clients))
     model, weights, buffers = lr.build_victims(cfg, dataset, chunk)
@@ -59,27 +59,22 @@ def our_side(overrides: list[str], clients: int, work: Path) -> tuple[list[dict]
                 "activation": cfg.model.factory.get("activation", "sigmoid"), "width": cfg.model.factory.get("width", 12),
                 "head": head}, work / "victims.pt")
     cells, seconds = [], 0.0
-    for mode in lr.label_modes(cfg.labels):
-        for b in cfg.batch_sizes:
-            generator = torch.Generator().manual_seed(lr.derive_seed(cfg.seed, 1000 * b + lr.LABEL_MODES.index(mode), 3))
-            picks = lr.draw_clients(labels, b, mode, clients, generator)
-            if picks is None:
-                continue
-            shared = lr._share(cfg, b, model, weights, buffers, images[picks], labels[picks], dataset.num_classes,
-                               lr.compose_defense(cfg), chunk)
-            private = labels[picks]
-            ours = {}
-            for name, strategy in parts.items():
-                if lr.applies(strategy, b, dataset.num_classes):
-                    start = time.perf_counter()
-                    restored = strategy.restore(shared)
-                    seconds += time.perf_counter() - start
-                    ours[name] = {k: float(v.double().mean()) for k, v in score(restored, private, dataset.num_classes).items()}
-                    ours[name]["labels"] = restored.tolist()
-            i = len(cells)
-            torch.save({"batch_size": b, "weight": shared.gradients[f"{head}.weight"].clone(),
-                        "bias": shared.gradients[f"{head}.bias"].clone()}, work / f"cell_{i}.pt")
-            cells.append({"labels": mode, "batch_size": b, "ours": ours, "private": private.tolist()})
+    for (mode, b), picks in lr.draw_cells(cfg, labels).items():
+        shared = lr.share(cfg, b, model, weights, buffers, images[picks], labels[picks], dataset.num_classes,
+                          lr.compose_defense(cfg), chunk)
+        private = labels[picks]
+        ours = {}
+        for name, strategy in parts.items():
+            if lr.applies(strategy, b, dataset.num_classes):
+                start = time.perf_counter()
+                restored = strategy.restore(shared)
+                seconds += time.perf_counter() - start
+                ours[name] = {k: float(v.double().mean()) for k, v in score(restored, private, dataset.num_classes).items()}
+                ours[name]["labels"] = restored.tolist()
+        i = len(cells)
+        torch.save({"batch_size": b, "weight": shared.gradients[f"{head}.weight"].clone(),
+                    "bias": shared.gradients[f"{head}.bias"].clone()}, work / f"cell_{i}.pt")
+        cells.append({"labels": mode, "batch_size": b, "ours": ours, "private": private.tolist()})
     return cells, {"dataset": dataset.name, "num_classes": dataset.num_classes, "ours_restore_s": seconds,
                    "activation": str(cfg.model.factory.get("activation", ""))}
 

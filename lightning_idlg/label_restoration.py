@@ -162,20 +162,9 @@ def validate(cfg: DictConfig) -> None:
     label_modes(cfg.labels)
 
 
-def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
-    """Every cell's row (COLUMNS): scores averaged over the cell's clients."""
-    from hydra.utils import instantiate
-
-    from lightning_idlg.label_metrics import score
-
-    validate(cfg)
-    parts = strategies(cfg)
-    dataset = _instantiate_dataset(cfg)
-    images, labels = dataset_tensors(dataset)
-    defense = compose_defense(cfg)
-    describe = _describe(cfg, dataset, overrides)
-    group = cfg.clients_per_group
-    chunks = [list(range(s, min(s + group, cfg.clients))) for s in range(0, cfg.clients, group)]
+def draw_cells(cfg: DictConfig, labels: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    """(label draw, B) -> (clients, B) data set indices, for every cell the data set can give; each cell
+    from its own seed, so a cell's clients do not depend on which other cells run."""
     picks = {}
     for mode in label_modes(cfg.labels):
         for b in cfg.batch_sizes:
@@ -185,22 +174,37 @@ def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
                 log.info("labels=%s, B=%d: the data set has fewer than the classes needed; no row", mode, b)
             else:
                 picks[mode, b] = drawn
+    return picks
+
+
+def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
+    """Every cell's row (COLUMNS): scores averaged over the cell's clients. Victims are built once per group
+    of clients and reused by every cell (client i meets the same victim at every B and label draw)."""
+    from lightning_idlg.label_metrics import score
+
+    validate(cfg)
+    parts = strategies(cfg)
+    dataset = load_dataset(cfg)
+    images, labels = dataset_tensors(dataset)
+    defense = compose_defense(cfg)
+    picks = draw_cells(cfg, labels)
+    group = cfg.clients_per_group
     sums: dict[tuple, dict[str, float]] = {}
-    for chunk in chunks:  # one group of victims, reused by every cell
+    for chunk in [list(range(s, min(s + group, cfg.clients))) for s in range(0, cfg.clients, group)]:
         model, weights, buffers = build_victims(cfg, dataset, chunk)
         for (mode, b), drawn in picks.items():
             mine = drawn[chunk]
-            shared = _share(cfg, b, model, weights, buffers, images[mine], labels[mine], dataset.num_classes,
-                            defense, chunk)
+            shared = share(cfg, b, model, weights, buffers, images[mine], labels[mine], dataset.num_classes,
+                           defense, chunk)
             for name, strategy in parts.items():
-                if not applies(strategy, b, dataset.num_classes):
-                    continue
-                scores = score(strategy.restore(shared), labels[mine], dataset.num_classes)
-                total = sums.setdefault((mode, b, name), {s: 0.0 for s in (*SCORE_NAMES, "clients")})
-                for s in SCORE_NAMES:
-                    total[s] += float(scores[s].sum())
-                total["clients"] += len(chunk)
+                if applies(strategy, b, dataset.num_classes):
+                    scores = score(strategy.restore(shared), labels[mine], dataset.num_classes)
+                    total = sums.setdefault((mode, b, name), dict.fromkeys((*SCORE_NAMES, "clients"), 0.0))
+                    for s in SCORE_NAMES:
+                        total[s] += float(scores[s].sum())
+                    total["clients"] += len(chunk)
         log.info("clients %d-%d done", chunk[0], chunk[-1])
+    describe = _describe(cfg, dataset, overrides)
     return [{**describe, "labels": mode, "batch_size": b, "strategy": name,
              "distinct_assumed": parts[name].distinct, "clients": int(t["clients"]),
              **{s: t[s] / t["clients"] for s in SCORE_NAMES}} for (mode, b, name), t in sums.items()]
@@ -215,7 +219,7 @@ def compose_defense(cfg: DictConfig):
     return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
 
 
-def _instantiate_dataset(cfg: DictConfig):
+def load_dataset(cfg: DictConfig):
     """The data set; a loader's own one-line error (missing files, bad root) rather than Hydra's wrapper."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -228,7 +232,7 @@ def _instantiate_dataset(cfg: DictConfig):
         raise
 
 
-def _share(cfg, batch_size, model, weights, buffers, images, labels, num_classes, defense, chunk):
+def share(cfg, batch_size, model, weights, buffers, images, labels, num_classes, defense, chunk):
     """The clients' shared gradients through the real Client (its reduction, mode, defense)."""
     from hydra.utils import instantiate
 

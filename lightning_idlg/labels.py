@@ -13,7 +13,11 @@ g_c is negative. For y = W a + b: grad_b = g and row i of grad_W is g_i * a. Thr
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
+from torch.func import functional_call, vmap
 
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.victim import output_layer
@@ -242,11 +246,6 @@ def head_inputs(shared, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(head input a (K, N, F), softmax p (K, N, C)) of the N inputs x under each client's victim weights.
     The victim without its head (the last Linear layer replaced by Identity) gives a; a W^T + b gives the
     logits. Assumes the head is applied last, to its input as it comes (LeNet, MLP, ResNet-20's linear)."""
-    import copy
-
-    from torch import nn
-    from torch.func import functional_call, vmap
-
     name, layer = output_layer(shared.model)
     headless = copy.deepcopy(shared.model)
     parent_name, _, child = name.rpartition(".")
