@@ -1,0 +1,368 @@
+"""Label restoration on its own: how well each label strategy reads a client's B labels off its shared
+gradient, with no optimization at all (`lightning-idlg-labels`, configs/label_restoration.yaml).
+
+For every cell (label draw x client batch size B): `clients` clients, each with a fresh victim (from the
+trial's seed, as in the attack runs: client i attacks the network of trial i) and B private samples drawn
+from the data set as `labels` says, share their gradient through the real `Client` (its reduction, mode and
+defense); every strategy of `strategies` restores (K, B) labels from the `SharedGradient` alone; the scores
+of `label_metrics` compare them with the private labels afterwards. Clients are vectorized in groups of
+`clients_per_group` (one vmapped gradient per group).
+
+Label draws (`labels`, one mode or a list):
+- `distinct`: B different classes (uniform), one image of each: the setting of Yin et al.; needs B <= the
+  classes present (larger B: no row for that cell);
+- `repeated`: max(1, B // 2) different classes (at most the classes present), each at least once, the other
+  labels drawn from those same classes: every client with B >= 2 holds a repeated label (LLG's setting);
+- `random`: B images drawn uniformly from the data set, labels as they fall.
+Within a class, a client's images are distinct while the class has enough of them, else drawn again.
+
+Outputs in the run dir: `labels.csv` (one row per cell and strategy; every row names its data set, victim,
+client, defense and the command-line overrides), `labels.md` (tables of accuracy against B) and
+`labels.png` (instance accuracy and exact-multiset accuracy against B, per strategy).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_idlg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LABEL_MODES = ("distinct", "repeated", "random")
+SCORE_NAMES = ("exact", "count_accuracy", "instance_accuracy")
+COLUMNS = ("dataset", "model", "activation", "init", "reduction", "client_mode", "defense", "labels",
+           "batch_size", "strategy", "distinct_assumed", "clients", *SCORE_NAMES, "seed", "overrides")
+
+
+def derive_seed(seed: int, index: int, stream: int) -> int:
+    """experiment.derive_seed's formula (that module imports Lightning, which this experiment does not
+    need): stream 0 is trial `index`'s victim, so client i here meets the victim of trial i there."""
+    return ((seed * 1_000_003 + index) * 16 + stream) % (2**63)
+
+
+# ------------------------------------------------------------------------------------------------ clients
+
+def dataset_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, C, H, W), labels (N,)) of a whole TrialImages data set (the subsets here are small)."""
+    pairs = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([image for image, _ in pairs]), torch.tensor([label for _, label in pairs])
+
+
+def label_modes(value) -> list[str]:
+    modes = [value] if isinstance(value, str) else list(value)
+    bad = [m for m in modes if m not in LABEL_MODES]
+    if not modes or bad:
+        raise ConfigError(f"labels={value!r} is not known; valid: {', '.join(LABEL_MODES)} (or a list of them)")
+    return modes
+
+
+def draw_clients(labels: torch.Tensor, batch_size: int, mode: str, clients: int,
+                 generator: torch.Generator) -> torch.Tensor | None:
+    """(clients, B) data set indices of each client's samples, drawn as `mode` says (module docstring);
+    None where the data set cannot give such a client (distinct labels with B > classes present)."""
+    present = labels.unique()
+    by_class = {int(c): (labels == c).nonzero().flatten() for c in present}
+    if mode == "random":
+        return torch.stack([torch.randperm(len(labels), generator=generator)[:batch_size] for _ in range(clients)])
+    kinds = batch_size if mode == "distinct" else min(max(1, batch_size // 2), len(present))
+    if kinds > len(present):
+        return None
+    rows = []
+    for _ in range(clients):
+        classes = present[torch.randperm(len(present), generator=generator)[:kinds]]
+        extra = classes[torch.randint(kinds, (batch_size - kinds,), generator=generator)]
+        rows.append(_images_of(torch.cat([classes, extra]), by_class, generator))
+    return torch.stack(rows)
+
+
+def _images_of(client_labels: torch.Tensor, by_class: dict[int, torch.Tensor],
+               generator: torch.Generator) -> torch.Tensor:
+    """One image index per label: distinct images of a class while it has enough, then drawn again."""
+    picked = torch.empty_like(client_labels)
+    for c in client_labels.unique().tolist():
+        slots = (client_labels == c).nonzero().flatten()
+        pool = by_class[c]
+        order = torch.randperm(len(pool), generator=generator)
+        if len(slots) > len(pool):
+            order = torch.cat([order, torch.randint(len(pool), (len(slots) - len(pool),), generator=generator)])
+        picked[slots] = pool[order[:len(slots)]]
+    return picked
+
+
+# ------------------------------------------------------------------------------------------------ victims
+
+def build_victims(cfg: DictConfig, dataset, indices: list[int]):
+    """(model, weights, buffers) for the clients `indices`: a fresh victim each (from its trial's seed), or
+    one checkpoint viewed K times."""
+    from hydra.utils import instantiate
+
+    from lightning_idlg.client import share_one_network, stack_victims
+    from lightning_idlg.victim import make_victim
+
+    c, h, _ = dataset.shape
+    factory, init = instantiate(cfg.model.factory), instantiate(cfg.model.init)
+
+    def build(seed: int):
+        return make_victim(factory, init, in_channels=c, image_size=h, num_classes=dataset.num_classes, seed=seed)
+
+    if init.one_network:
+        victim = build(0)
+        return (victim, *share_one_network(victim, len(indices)))
+    victims = [build(derive_seed(cfg.seed, i, 0)) for i in indices]
+    return (victims[0], *stack_victims(victims))
+
+
+# --------------------------------------------------------------------------------------------- experiment
+
+def strategies(cfg: DictConfig) -> dict:
+    """name -> label strategy (configs/label_restoration.yaml `strategies`); learned ones have nothing to
+    restore and are refused."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    parts = {}
+    for name, node in (cfg.strategies or {}).items():
+        try:
+            part = instantiate(node)
+        except InstantiationException as err:
+            if isinstance(err.__cause__, ConfigError):
+                raise err.__cause__ from None
+            raise ConfigError(f"strategies.{name} cannot be built: {str(err).splitlines()[0]}") from None
+        if getattr(part, "learned", True) or not hasattr(part, "restore"):
+            raise ConfigError(f"strategies.{name} is not a label strategy that restores labels; valid: "
+                              "lightning_idlg.labels.AnalyticLabel, Yin, LLG, LLGPlus, BiasCorrected")
+        parts[name] = part
+    if not parts:
+        raise ConfigError("strategies is empty; name at least one, e.g. strategies.Yin._target_=lightning_idlg.labels.Yin")
+    return parts
+
+
+def applies(strategy, batch_size: int, num_classes: int) -> bool:
+    """Whether a strategy is defined for this B (its max_batch; B distinct labels need B <= classes)."""
+    if strategy.max_batch is not None and batch_size > strategy.max_batch:
+        return False
+    return not (strategy.distinct and batch_size > num_classes)
+
+
+def validate(cfg: DictConfig) -> None:
+    sizes = list(cfg.batch_sizes)
+    if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+        raise ConfigError(f"batch_sizes must be a list of positive integers, got {sizes!r}")
+    for key in ("clients", "clients_per_group"):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    label_modes(cfg.labels)
+
+
+def draw_cells(cfg: DictConfig, labels: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+    """(label draw, B) -> (clients, B) data set indices, for every cell the data set can give; each cell
+    from its own seed, so a cell's clients do not depend on which other cells run."""
+    picks = {}
+    for mode in label_modes(cfg.labels):
+        for b in cfg.batch_sizes:
+            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, 1000 * b + LABEL_MODES.index(mode), 3))
+            drawn = draw_clients(labels, b, mode, cfg.clients, generator)
+            if drawn is None:
+                log.info("labels=%s, B=%d: the data set has fewer than the classes needed; no row", mode, b)
+            else:
+                picks[mode, b] = drawn
+    return picks
+
+
+def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
+    """Every cell's row (COLUMNS): scores averaged over the cell's clients. Victims are built once per group
+    of clients and reused by every cell (client i meets the same victim at every B and label draw)."""
+    from lightning_idlg.label_metrics import score
+
+    validate(cfg)
+    parts = strategies(cfg)
+    dataset = load_dataset(cfg)
+    images, labels = dataset_tensors(dataset)
+    defense = compose_defense(cfg)
+    picks = draw_cells(cfg, labels)
+    group = cfg.clients_per_group
+    sums: dict[tuple, dict[str, float]] = {}
+    for chunk in [list(range(s, min(s + group, cfg.clients))) for s in range(0, cfg.clients, group)]:
+        model, weights, buffers = build_victims(cfg, dataset, chunk)
+        for (mode, b), drawn in picks.items():
+            mine = drawn[chunk]
+            shared = share(cfg, b, model, weights, buffers, images[mine], labels[mine], dataset.num_classes,
+                           defense, chunk)
+            for name, strategy in parts.items():
+                if applies(strategy, b, dataset.num_classes):
+                    scores = score(strategy.restore(shared), labels[mine], dataset.num_classes)
+                    total = sums.setdefault((mode, b, name), dict.fromkeys((*SCORE_NAMES, "clients"), 0.0))
+                    for s in SCORE_NAMES:
+                        total[s] += float(scores[s].sum())
+                    total["clients"] += len(chunk)
+        log.info("clients %d-%d done", chunk[0], chunk[-1])
+    describe = _describe(cfg, dataset, overrides)
+    return [{**describe, "labels": mode, "batch_size": b, "strategy": name,
+             "distinct_assumed": parts[name].distinct, "clients": int(t["clients"]),
+             **{s: t[s] / t["clients"] for s in SCORE_NAMES}} for (mode, b, name), t in sums.items()]
+
+
+def compose_defense(cfg: DictConfig):
+    """The client's defenses (defense=..., a list applies them in order), as in the attack runs."""
+    from hydra.utils import instantiate
+
+    from lightning_idlg.defenses import compose
+
+    return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
+
+
+def load_dataset(cfg: DictConfig):
+    """The data set; a loader's own one-line error (missing files, bad root) rather than Hydra's wrapper."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.dataset)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ConfigError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
+
+
+def share(cfg, batch_size, model, weights, buffers, images, labels, num_classes, defense, chunk):
+    """The clients' shared gradients through the real Client (its reduction, mode, defense)."""
+    from hydra.utils import instantiate
+
+    from lightning_idlg.client import PrivateBatch
+
+    client = instantiate(cfg.client, batch_size=batch_size)
+    private = PrivateBatch(images, labels, chunk)
+    seeds = [derive_seed(cfg.seed, i, 2) for i in chunk]
+    return client.share(model, weights, buffers, private, num_classes, defense, seeds)[0]
+
+
+def _describe(cfg: DictConfig, dataset, overrides: str) -> dict:
+    """What made a row: data set, victim (class and activation), init, client, defense, seed, overrides."""
+    factory = cfg.model.factory
+    target = str(factory.get("target") or factory.get("_target_", "?")).rsplit(".", 1)[-1]
+    init = cfg.model.init.get("_target_", "?").rsplit(".", 1)[-1]
+    return {"dataset": dataset.name, "model": target, "activation": factory.get("activation", ""),
+            "init": init, "reduction": cfg.client.get("reduction", "mean"), "client_mode": cfg.client.get("mode", "train"),
+            "defense": "+".join(cfg.get("defense") or {}) or "none", "seed": cfg.seed, "overrides": overrides}
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per (data set, victim, label draw): strategies x B, cells `instance / exact` accuracy."""
+    out = []
+    groups = sorted({(r["dataset"], r["model"], r["activation"], r["defense"], r["labels"]) for r in rows})
+    for key in groups:
+        cells = [r for r in rows if (r["dataset"], r["model"], r["activation"], r["defense"], r["labels"]) == key]
+        sizes = sorted({r["batch_size"] for r in cells})
+        names = list(dict.fromkeys(r["strategy"] for r in cells))
+        dataset, model, activation, defense, mode = key
+        out.append(f"**{dataset}, {model} ({activation or 'default'}), defense {defense}, {mode} labels** "
+                   f"({cells[0]['clients']} clients per cell; instance accuracy / exact-multiset accuracy)\n")
+        out.append("| strategy | " + " | ".join(f"B={b}" for b in sizes) + " |")
+        out.append("|---|" + "---|" * len(sizes))
+        for name in names:
+            by_b = {r["batch_size"]: r for r in cells if r["strategy"] == name}
+            out.append(f"| {name} | " + " | ".join(
+                f"{by_b[b]['instance_accuracy']:.3f} / {by_b[b]['exact']:.3f}" if b in by_b else "-" for b in sizes) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Instance (solid) and exact-multiset (dashed) accuracy against B: one row of panels per data set and
+    victim, one column per label draw, one colour per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    victims = sorted({(r["dataset"], r["model"], r["activation"]) for r in rows})
+    modes = [m for m in LABEL_MODES if any(r["labels"] == m for r in rows)]
+    names = list(dict.fromkeys(r["strategy"] for r in rows))
+    colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+    fig, axes = plt.subplots(len(victims), len(modes), figsize=(4.2 * len(modes), 3.2 * len(victims)),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, victim in enumerate(victims):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            for name in names:
+                cells = sorted((r for r in rows if (r["dataset"], r["model"], r["activation"]) == victim
+                                and r["labels"] == mode and r["strategy"] == name), key=lambda r: r["batch_size"])
+                if cells:
+                    x = [r["batch_size"] for r in cells]
+                    ax.plot(x, [r["instance_accuracy"] for r in cells], "-o", ms=3, color=colours[name], label=name)
+                    ax.plot(x, [r["exact"] for r in cells], "--", color=colours[name], alpha=0.6)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{victim[0]}, {victim[1]} ({victim[2] or 'default'}), {mode} labels", fontsize=9)
+            if i == len(victims) - 1:
+                ax.set_xlabel("client batch size B")
+        axes[i][0].set_ylabel("accuracy\n(solid: instance, dashed: exact)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a labels.csv with numbers as numbers (to merge runs into one table or plot)."""
+    rows = []
+    for row in csv.DictReader(open(path)):
+        row["batch_size"], row["clients"] = int(row["batch_size"]), int(row["clients"])
+        row.update({s: float(row[s]) for s in SCORE_NAMES})
+        rows.append(row)
+    return rows
+
+
+def write_outputs(rows: list[dict], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "labels.csv")
+    (out_dir / "labels.md").write_text(markdown(rows))
+    plot(rows, out_dir / "labels.png")
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+def _app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    overrides = " ".join(hydra_cfg.overrides.task)
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        rows = run(cfg, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    write_outputs(rows, out_dir)
+    log.info("%s", markdown(rows))
+    log.info("wrote %s, labels.md, labels.png", out_dir / "labels.csv")
+
+
+def main() -> None:
+    import hydra
+
+    hydra.main(version_base="1.3", config_path="pkg://lightning_idlg.configs", config_name="label_restoration")(_app)()
+
+
+if __name__ == "__main__":
+    main()
