@@ -26,13 +26,13 @@ Comparisons (`--attacks`):
 
 Same trials: our side composes the app's own config with the same overrides as its run and takes, for the
 seed, the app's trial plan (experiment.plan_trials: which CIFAR-100 images, victim and dummy seeds) and
-the app's client (experiment.prepare_batch: images in [0, 1], labels, victim weights and buffers, shared
-gradient) and the attack's own dummy draw. breaching gets exactly those tensors in a file: the image and
+the app's client (experiment.prepare_batch: images in [0, 1], labels, victim weights, shared gradient;
+the buffers from the victims rebuilt as it builds them) and the attack's own dummy draw. breaching gets exactly those tensors in a file: the image and
 label as the user's custom data, the victim copied into its model by parameter and buffer order (shapes
 checked one for one), our dummy start as `reconstruct(initial_data=...)`. Its data config is set to
 `normalize=False`, mean 0, std 1 (the same [0, 1] tensors; IG's box is [0, 1]), BatchNorm in the mode of our
 client (`client.mode=train`: no public buffers, batch statistics; eval: the server sends the buffers), and
-the labels as ours get them (iDLG extraction, or given). Checksums of images, labels and weights are
+the labels by the same rule as ours (our iDLG weight_sum rule: breaching's iDLG; bias: its analytic). Checksums of images, labels and weights are
 printed per side (breaching's taken from what its user and its model's payload hold), and the relative
 L2 difference of breaching's shared gradient from ours (all tensors as one vector; over 1e-4 fails).
 
@@ -48,7 +48,7 @@ pixels, PSNR and SSIM clamped to [0, 1]); success is MSE < 1e-3.
 Known differences (see also /work/shared/docs/peer-breaching.md): breaching's Euclidean objective is
 0.5 * sum ||dg||^2 (ours sum ||dg||^2), so L-BFGS's first step and its tolerances differ and so do
 trajectories, trial by trial; breaching always runs all its iterations (no early stop; ours stops at
-D < 1e-6) and returns the best iterate by objective (strictly: the iterate after the L-BFGS step whose
+D < 1e-6) and returns the best iterate by objective (strictly: the iterate after the optimizer step whose
 starting objective was lowest), ours the last one. IG: breaching's total variation pads the image with
 zeros (the last row and column also count |x|) and adds 1e-8 to every term, ours (torchmetrics') does
 not; both divide by the pixels x channels.
