@@ -25,16 +25,17 @@ Comparisons (`--attacks`):
     ResNet-20 (--attacks ig --ig-models resnet20 runs one alone).
 
 Same trials: our side composes the app's own config with the same overrides as its run and takes, for the
-seed, the app's trial plan (experiment.plan_trials: which CIFAR-100 images, victim and dummy seeds) and
-the app's client (experiment.prepare_batch: images in [0, 1], labels, victim weights, shared gradient;
-the buffers from the victims rebuilt as it builds them) and the attack's own dummy draw. breaching gets exactly those tensors in a file: the image and
-label as the user's custom data, the victim copied into its model by parameter and buffer order (shapes
-checked one for one), our dummy start as `reconstruct(initial_data=...)`. Its data config is set to
-`normalize=False`, mean 0, std 1 (the same [0, 1] tensors; IG's box is [0, 1]), BatchNorm in the mode of our
-client (`client.mode=train`: no public buffers, batch statistics; eval: the server sends the buffers), and
-the labels by the same rule as ours (our iDLG weight_sum rule: breaching's iDLG; bias: its analytic). Checksums of images, labels and weights are
-printed per side (breaching's taken from what its user and its model's payload hold), and the relative
-L2 difference of breaching's shared gradient from ours (all tensors as one vector; over 1e-4 fails).
+seed, the app's trial plan (experiment.plan_trials: which CIFAR-100 images, victim and dummy seeds) and the
+app's client (experiment.prepare_batch: images in [0, 1], labels, victim weights, shared gradient; the
+buffers from the victims rebuilt as it builds them) and the attack's own dummy draw. breaching gets exactly
+those tensors in a file: the image and label as the user's custom data, the victim copied into its model by
+parameter and buffer order (shapes checked one for one), our dummy start as `reconstruct(initial_data=...)`.
+Its data config is set to `normalize=False`, mean 0, std 1 (the same [0, 1] tensors; IG's box is [0, 1]),
+BatchNorm in the mode of our client (`client.mode=train`: no public buffers, batch statistics; eval: the
+server sends the buffers), and the labels by the same rule as ours (our iDLG weight_sum rule: breaching's
+iDLG; bias: its analytic). Checksums of images, labels and weights are printed per side (breaching's taken
+from what its user and its model's payload hold), and the relative L2 difference of breaching's shared
+gradient from ours (all tensors as one vector; over 1e-4 fails).
 
 Cores: both sides get --cores processes of one thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1)).
 Ours: the app's own parallelism (`trainer=ddp trainer.devices=<cores> threads=1`, trials per group auto).
@@ -110,8 +111,8 @@ def comparisons(args) -> list[Comparison]:
     if "ig" in args.attacks:
         checkpoints = dict(c.split("=", 1) for c in args.checkpoint)
         for model in args.ig_models:
-            variants = [("", [])] + ([("_checkpoint", ["model/init=checkpoint", f"model.init.path={checkpoints[model]}"])]
-                                      if model in checkpoints else [])
+            trained = ["model/init=checkpoint", f"model.init.path={checkpoints.get(model)}"]
+            variants = [("", [])] + ([("_checkpoint", trained)] if model in checkpoints else [])
             for suffix, init in variants:
                 out.append(Comparison(
                     f"ig_{model}{suffix}", f"Inverting Gradients, batch 1, {model} "
@@ -168,7 +169,8 @@ def write_case(args, comparison: Comparison, path: Path) -> dict:
         weights = [w[k].clone() for w in shared.weights.values()]
         torch.save({"index": trial.index, "image": image, "label": label, "weights": weights, "buffers": buffers[k],
                     "dummy": dummies[k].clone(), "dummy_seed": trial.dummy_seed,
-                    "gradient": [g[k].clone() for g in shared.gradients.values()]}, path / f"trial_{trial.index:05d}.pt")
+                    "gradient": [g[k].clone() for g in shared.gradients.values()]},
+                   path / f"trial_{trial.index:05d}.pt")
         rows.append({"index": trial.index, "image_index": trial.images[0], "label": label, "image": image,
                      "seen": {"image": checksum([image[None]]), "label": checksum([torch.tensor([label])]),
                               "weights": checksum(weights)}})
@@ -177,22 +179,14 @@ def write_case(args, comparison: Comparison, path: Path) -> dict:
 
 def victim_buffers(cfg, dataset, trials, weights: dict[str, torch.Tensor]) -> list[list[torch.Tensor]]:
     """Each trial's victim buffers (BatchNorm statistics), which the shared record holds only where the
-    server knows them: the victims rebuilt as experiment.prepare_batch builds them (checked against the
-    weights it shared)."""
-    from hydra.utils import instantiate
+    server knows them: the victims built again as the app builds them (label_restoration.build_victims,
+    checked against the weights the client shared)."""
+    from lightning_idlg.label_restoration import build_victims
 
-    from lightning_idlg.victim import make_victim
-
-    factory, init = instantiate(cfg.model.factory), instantiate(cfg.model.init)
-    c, h, _ = dataset.shape
-    out = []
-    for k, trial in enumerate(trials):
-        victim = make_victim(factory, init, in_channels=c, image_size=h, num_classes=dataset.num_classes,
-                             seed=0 if init.one_network else trial.victim_seed)
-        if any(not torch.equal(p, weights[n][k]) for n, p in victim.named_parameters()):
-            raise SystemExit("rebuilding the victims for their buffers gave other weights than the app's client")
-        out.append([b.detach().clone() for b in victim.buffers()])
-    return out
+    _, rebuilt, buffers = build_victims(cfg, dataset, [t.index for t in trials])
+    if any(not torch.equal(rebuilt[n], w) for n, w in weights.items()):
+        raise SystemExit("rebuilding the victims for their buffers gave other weights than the app's client")
+    return [[b[k].clone() for b in buffers.values()] for k in range(len(trials))]
 
 
 def breaching_labels(node) -> list[str]:
@@ -351,7 +345,8 @@ def main() -> None:
             for o, b in zip(ours["trials"], theirs["trials"]):
                 print(f"    trial {o['index']:3d} image {o['image_index']:4d} label {o['label']:3d}: MSE ours "
                       f"{o['mse']:.3e} breaching {b['mse']:.3e}; PSNR {o['psnr']:.1f} / {b['psnr']:.1f}; evaluations "
-                      f"{o['evaluations']} / {b['evaluations']}; objective {o['distance']:.3g} / {b['best_objective']:.3g}")
+                      f"{o['evaluations']} / {b['evaluations']}; objective {o['distance']:.3g} / "
+                      f"{b['best_objective']:.3g}")
         ratios[comparison.name] = s_ours["per_cpu_minute"] / s_theirs["per_cpu_minute"]
         print(f"  ratio ours/theirs: {ratios[comparison.name]:.2f} per CPU-minute, "
               f"{s_ours['per_minute'] / s_theirs['per_minute']:.2f} per minute", flush=True)
