@@ -32,10 +32,11 @@ those tensors in a file: the image and label as the user's custom data, the vict
 parameter and buffer order (shapes checked one for one), our dummy start as `reconstruct(initial_data=...)`.
 Its data config is set to `normalize=False`, mean 0, std 1 (the same [0, 1] tensors; IG's box is [0, 1]),
 BatchNorm in the mode of our client (`client.mode=train`: no public buffers, batch statistics; eval: the
-server sends the buffers, so pass `--ig-override client.mode=eval --ig-override client.share_buffers=true`), and the labels by the same rule as ours (our iDLG weight_sum rule: breaching's
-iDLG; bias: its analytic). Checksums of images, labels and weights are printed per side (breaching's taken
-from what its user and its model's payload hold), and the relative L2 difference of breaching's shared
-gradient from ours (all tensors as one vector; over 1e-4 fails).
+server sends the buffers, so pass `--ig-override client.mode=eval --ig-override client.share_buffers=true`),
+and the labels by the same rule as ours (our iDLG weight_sum rule: breaching's iDLG; bias: its analytic).
+Checksums of images, labels and weights are printed per side (breaching's taken from what its user and its
+model's payload hold), and the relative L2 difference of breaching's shared gradient from ours (all tensors
+as one vector; over 1e-4 fails).
 
 Cores: both sides get --cores processes of one thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1)).
 Ours: the app's own parallelism (`trainer=ddp trainer.devices=<cores> threads=1`, trials per group auto).
