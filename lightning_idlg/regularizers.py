@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 from torchmetrics.functional.image import total_variation
 
+from lightning_idlg.client import BatchStatisticsNorm
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.objective import over_trials
 
@@ -64,8 +65,9 @@ class BatchNormPrior:
             raise ConfigError("regularizers.bn needs the victim's BatchNorm statistics: set "
                               "client.share_buffers=true (the threat model where the server knows them)")
         self.model = copy.deepcopy(model)
+        # in train mode the functional victim's BatchNorms are client.BatchStatisticsNorm (same names)
         self.layers = [name for name, m in self.model.named_modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                       if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchStatisticsNorm))]
         if not self.layers:
             raise ConfigError(f"regularizers.bn needs a victim with BatchNorm layers; "
                               f"{type(model).__name__} has none")

@@ -70,7 +70,7 @@ def test_every_config_group_option_composes(group, option):
     cfg = cfg_of(f"{group}={option}", *extra)
     assert cfg.trials >= 1 and cfg.steps >= 1
     assert "factory" in cfg.model and cfg.optimizer._target_.startswith("lightning_idlg.optim.")
-    assert set(cfg.attack) <= {"dlg", "idlg"} and cfg.attack
+    assert set(cfg.attack) <= {"dlg", "idlg", "ig"} and cfg.attack
     if group in ("attack", "method"):
         assert set(cfg.attack) == ({"dlg", "idlg"} if option == "both" else {option})
     # every part is instantiated, not only composed

@@ -22,7 +22,7 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.experiment import plan_trials, prepare_batch, run
 from lightning_idlg.objective import BatchedDistance
 from lightning_idlg.victim import LeNet, make_victim
-from tests.toys import TinyBN
+from tests.toys import bn_victims
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIGS = ROOT / "tests" / "configs"
@@ -117,14 +117,7 @@ def test_distance_of_a_batch_equals_a_per_trial_autograd_loop(reduction):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_batchnorm_victims_shared_gradient_equals_plain_autograd(mode):
     k, b, side, classes = 2, 3, 6, 5
-    victims = []
-    for s in range(k):
-        net = make_victim(TinyBN, instantiate({"_target_": "lightning_idlg.victim.DefaultInit"}),
-                          in_channels=1, image_size=side, num_classes=classes, seed=s).double()
-        with torch.no_grad():  # running statistics that differ from the batch's, so eval mode is tested
-            net.features[1].running_mean.uniform_(-0.5, 0.5)
-            net.features[1].running_var.uniform_(0.5, 2.0)
-        victims.append(net)
+    victims = bn_victims(k, side, classes)
     weights, buffers = stack_victims(victims)
     g = torch.Generator().manual_seed(2)
     images = torch.rand(k, b, 1, side, side, generator=g, dtype=torch.float64)

@@ -11,7 +11,6 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import nn
 from torchmetrics.functional.image import total_variation
 
@@ -23,13 +22,13 @@ from lightning_idlg.objective import CosineSimilarity, layer_weights
 from lightning_idlg.optim import BatchedAdam
 from lightning_idlg.regularizers import BatchNormPrior, TotalVariation
 from lightning_idlg.stopping import Stopping
-from lightning_idlg.victim import MLP, LeNet, make_victim
+from lightning_idlg.victim import LeNet, make_victim
 from tests.test_core import app, cfg_of
-from tests.toys import TinyBN
+from tests.test_objective import CLASSES, K, SIDE, _setup
+from tests.toys import bn_victims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-K, CLASSES, SIDE = 3, 10, 12
 
 
 # --- the cosine objective -------------------------------------------------------------------------------
@@ -67,18 +66,8 @@ def test_cosine_objective_of_a_linear_layer_by_hand():
 
 
 def _lenets(dtype):
-    victims = [make_victim(LeNet, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=70 + s).to(dtype)
-               for s in range(K)]
-    weights, _ = stack_victims(victims)
-    g = torch.Generator().manual_seed(5)
-    images = torch.rand(K, 3, SIDE, SIDE, generator=g).to(dtype)
-    labels = torch.randint(CLASSES, (K,), generator=g)
-    dummy = torch.rand(K, 3, SIDE, SIDE, generator=g).to(dtype)
-    shared = {n: torch.empty_like(w) for n, w in weights.items()}
-    for k, net in enumerate(victims):
-        loss = F.cross_entropy(net(images[k:k + 1]), labels[k:k + 1])
-        for (n, _), gr in zip(net.named_parameters(), torch.autograd.grad(loss, list(net.parameters()))):
-            shared[n][k] = gr
+    """K LeNets, their shared gradients and dummies, as tests/test_objective.py makes them."""
+    victims, weights, shared, _, labels, dummy, _ = _setup(dtype)
     return victims, weights, shared, labels, dummy
 
 
@@ -244,14 +233,7 @@ def test_the_best_iterate_is_no_worse_than_the_last():
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_batchnorm_prior_equals_a_hand_computation_with_hooks(mode):
     k, b, side, classes = 2, 3, 5, 4
-    victims = []
-    for s in range(k):
-        net = make_victim(TinyBN, instantiate({"_target_": "lightning_idlg.victim.DefaultInit"}),
-                          in_channels=1, image_size=side, num_classes=classes, seed=s).double()
-        with torch.no_grad():
-            net.features[1].running_mean.uniform_(-0.5, 0.5)
-            net.features[1].running_var.uniform_(0.5, 2.0)
-        victims.append(net)
+    victims = bn_victims(k, side, classes)
     weights, buffers = stack_victims(victims)
     g = torch.Generator().manual_seed(4)
     private = PrivateBatch(torch.rand(k, b, 1, side, side, generator=g, dtype=torch.float64),

@@ -56,3 +56,21 @@ class TinyNet(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+def bn_victims(k: int, side: int, classes: int) -> list[nn.Module]:
+    """k TinyBN victims (float64, PyTorch's init, seeds 0..k-1) whose running statistics differ from any
+    batch's, so that eval mode (which reads them) is told apart from train mode."""
+    from hydra.utils import instantiate
+
+    from lightning_idlg.victim import make_victim
+
+    victims = []
+    for s in range(k):
+        net = make_victim(TinyBN, instantiate({"_target_": "lightning_idlg.victim.DefaultInit"}),
+                          in_channels=1, image_size=side, num_classes=classes, seed=s).double()
+        with torch.no_grad():
+            net.features[1].running_mean.uniform_(-0.5, 0.5)
+            net.features[1].running_var.uniform_(0.5, 2.0)
+        victims.append(net)
+    return victims
