@@ -40,6 +40,9 @@ class SharedGradient:
         (`client.share_buffers`), else None.
     defense: the defense's description where the threat model discloses it (`client.disclose_defense`),
         else None.
+    local: a FedAvg client's local training {lr, epochs, local_batch_size, steps} where the threat model
+        discloses it (`client.disclose_local`, lightning_idlg.fedavg), else None (and None for a client that
+        shares one gradient).
     """
 
     model: nn.Module
@@ -51,6 +54,7 @@ class SharedGradient:
     reduction: str = "mean"
     buffers: dict[str, torch.Tensor] | None = None
     defense: dict | None = None
+    local: dict | None = None
 
     @property
     def trials(self) -> int:

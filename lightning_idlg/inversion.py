@@ -94,7 +94,10 @@ class GradientInversion(pl.LightningModule):
         self._store("weight", shared.weights)
         self._store("buffer", shared.buffers or {})
         objective = objective if objective is not None else SquaredL2()
-        self._distance = objective.build(self.model, shared.input_shape, shared.batch_size, shared.reduction)
+        # an objective that simulates the client's local training (lightning_idlg.fedavg) also reads what the
+        # server knows of it; every other objective is built as before
+        extra = {"local": shared.local} if getattr(objective, "uses_local", False) else {}
+        self._distance = objective.build(self.model, shared.input_shape, shared.batch_size, shared.reduction, **extra)
         # what D compares against: the shared gradients, prepared once (the head's factored where it can be)
         self._store("target", self._distance.prepare(shared.gradients))
 

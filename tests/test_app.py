@@ -247,7 +247,7 @@ def test_the_attack_sees_only_the_shared_gradient():
     """The wall between client and attacker: by the API, by the record's fields, by the imports."""
     assert {f.name for f in fields(SharedGradient)} == {"model", "weights", "gradients", "input_shape",
                                                         "num_classes", "batch_size", "reduction", "buffers",
-                                                        "defense"}
+                                                        "defense", "local"}
     params = set(inspect.signature(GradientInversion.__init__).parameters)
     assert not params & {"images", "labels", "private", "target", "x", "y"}
     assert "PrivateBatch" not in vars(attack_module)
