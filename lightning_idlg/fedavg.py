@@ -1,0 +1,216 @@
+"""Federated averaging (McMahan et al. 2017) on both sides of the wall: the client that trains locally and
+shares its weight update (`FedAvgClient`, client=fedavg), and the attacker's objective part that simulates
+that training with the dummies (`LocalUpdates`, as Dimitrov et al. 2022 and breaching's `local_updates`
+user do).
+
+Local training: E epochs (`epochs`) of plain SGD (learning rate `lr`; no momentum, no weight decay) over the
+client's B samples in local batches of `local_batch_size` samples, each step on the loss of its local
+batch (`reduction` within it). The local batches are consecutive slices of the B samples in their given
+order, the same every epoch, no shuffling: an attacker told the settings can replay the schedule exactly
+(a shuffle would be one more secret of the client), and a test can replay it with a plain PyTorch loop.
+When `local_batch_size` does not divide B the last batch of an epoch is smaller (DataLoader's
+drop_last=False). So there are T = E * ceil(B / local_batch_size) local steps; breaching's
+`num_local_updates` and `num_data_per_local_update_step` are T and local_batch_size where it divides B.
+
+What is shared is the weight difference, as a pseudo-gradient u = (w_0 - w_E) / (lr T). Why that scale:
+u is the mean of the T step gradients, so for one local step over the whole batch (epochs=1,
+local_batch_size=B) it IS the gradient, and client=fedavg shares what client=gradient shares; every attack,
+label strategy and defense reads u as a gradient unchanged, and for several steps it stays on a gradient's
+scale (the head's rows still carry the label evidence the batch label strategies count, averaged over the
+steps, which is their approximation here). It is computed as that mean, which equals (w_0 - w_E) / (lr T) in
+exact arithmetic without float32's cancellation in w_0 - w_E.
+
+Threat model (`disclose_local`): the server is told lr, epochs, local_batch_size and the number of steps
+(breaching's `provide_local_hyperparams`), recorded as `SharedGradient.local`; or it is not (None), and the
+attacker then simulates one step over the whole batch, i.e. matches u with a plain gradient; with the
+cosine objective that comparison is scale-free, which is why Inverting Gradients is the natural attacker
+there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.func import grad
+
+from lightning_idlg.client import Client, PrivateBatch, SharedGradient, batch_loss, functional_victim
+from lightning_idlg.defenses import Defense, compose, utility
+from lightning_idlg.errors import ConfigError
+from lightning_idlg.objective import LAYER_WEIGHTS, gradient_distance, layer_weights, over_trials
+
+INNER_DISTANCES = ("cosine", "squared_l2")
+
+
+def local_batches(batch_size: int, local_batch_size: int) -> list[slice]:
+    """One epoch's local batches: consecutive slices of the B samples in their given order (no shuffling)."""
+    return [slice(start, min(start + local_batch_size, batch_size)) for start in range(0, batch_size, local_batch_size)]
+
+
+def local_training(model: nn.Module, reduction: str, lr: float, epochs: int, local_batch_size: int,
+                   batch_size: int):
+    """update(weights, buffers, x (B, C, H, W), label_probs (B, classes)) -> name -> pseudo-gradient u of one
+    client (the mean of its T step gradients, module docstring); vmap it over trials (`over_trials`).
+    Written with torch.func and no in-place update, so u is differentiable w.r.t. x and the label
+    probabilities through every local step: the attacker's simulation backpropagates through it."""
+    step_gradient = grad(batch_loss(model, reduction))
+    batches = local_batches(batch_size, local_batch_size)
+    steps = epochs * len(batches)
+
+    def update(weights, buffers, x, label_probs):
+        total = None
+        for _ in range(epochs):
+            for part in batches:
+                g = step_gradient(weights, buffers, x[part], label_probs[part])
+                weights = {name: w - lr * g[name] for name, w in weights.items()}
+                total = g if total is None else {name: total[name] + g[name] for name in g}
+        return {name: t / steps for name, t in total.items()}
+
+    return update
+
+
+def _positive_int(key: str, value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer ({what}), got {value!r}")
+    return value
+
+
+class FedAvgClient(Client):
+    """The FedAvg client of one trial, K at once: B private samples -> E epochs of local SGD -> the (defended)
+    pseudo-gradient u = (w_0 - w_E) / (lr T) (module docstring: the schedule and why this scale).
+
+    batch_size, reduction, mode, share_buffers, disclose_defense: as Client (mode is the victim's mode
+    during local training; in train mode BatchNorm normalizes by each local batch). epochs: E local passes
+    over the B samples. local_batch_size: samples per local step (null: all B, one step per epoch). lr: the
+    local SGD learning rate. disclose_local: the server is told lr, epochs, local_batch_size and the number
+    of local steps (`SharedGradient.local`)."""
+
+    def __init__(self, batch_size: int = 4, epochs: int = 1, local_batch_size: int | None = None, lr: float = 1e-3,
+                 reduction: str = "mean", mode: str = "train", share_buffers: bool = False,
+                 disclose_defense: bool = False, disclose_local: bool = True):
+        super().__init__(batch_size, reduction, mode, share_buffers, disclose_defense)
+        self.epochs = _positive_int("client.epochs", epochs, "local passes over the client's samples")
+        local_batch_size = batch_size if local_batch_size is None else local_batch_size
+        if not isinstance(local_batch_size, int) or isinstance(local_batch_size, bool) \
+                or not 1 <= local_batch_size <= batch_size:
+            raise ConfigError(f"client.local_batch_size must be an integer in 1..client.batch_size={batch_size} "
+                              f"(or null: all of them), got {local_batch_size!r}")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+            raise ConfigError(f"client.lr must be a number > 0 (the local SGD learning rate), got {lr!r}")
+        self.local_batch_size, self.lr = local_batch_size, float(lr)
+        self.disclose_local = bool(disclose_local)
+
+    @property
+    def steps(self) -> int:
+        """T, the local SGD steps: E epochs of ceil(B / local_batch_size) steps."""
+        return self.epochs * len(local_batches(self.batch_size, self.local_batch_size))
+
+    def local(self) -> dict:
+        """What `disclose_local` tells the server (SharedGradient.local)."""
+        return {"lr": self.lr, "epochs": self.epochs, "local_batch_size": self.local_batch_size, "steps": self.steps}
+
+    def share(self, model: nn.Module, weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+              private: PrivateBatch, num_classes: int, defense: Defense | None = None,
+              seeds: list[int] | None = None) -> tuple[SharedGradient, dict[str, torch.Tensor]]:
+        """(what is shared, the defense's cost per trial against the undefended u), as Client.share; the
+        defense applies to u as to a gradient."""
+        if private.images.shape[1] != self.batch_size:
+            raise ValueError(f"the private batch holds {private.images.shape[1]} samples per trial, the "
+                             f"client expects {self.batch_size}")
+        defense = compose(defense) if not isinstance(defense, Defense) else defense
+        if getattr(defense, "per_sample", False):
+            raise ConfigError(f"the {defense.name} defense clips the per-sample gradients of one step; "
+                              f"client=fedavg shares an update of {self.steps} local steps: use clip or a noise "
+                              "defense on the update, or client=gradient")
+        seeds = list(range(private.images.shape[0])) if seeds is None else list(seeds)
+        victim = functional_victim(model, self.mode)
+        one_hot = nn.functional.one_hot(private.labels, num_classes).to(private.images.dtype)
+        update = over_trials(local_training(victim, self.reduction, self.lr, self.epochs, self.local_batch_size,
+                                            self.batch_size))
+        true = {name: u.detach() for name, u in update(weights, buffers, private.images, one_hot).items()}
+        gradients = {name: g.detach() for name, g in defense(true, seeds).items()}
+        record = SharedGradient(
+            model=victim,
+            weights=weights,
+            gradients=gradients,
+            input_shape=tuple(private.images.shape[2:]),
+            num_classes=num_classes,
+            batch_size=self.batch_size,
+            reduction=self.reduction,
+            buffers=buffers if self.share_buffers else None,
+            defense=defense.describe() if self.disclose_defense else None,
+            local=self.local() if self.disclose_local else None,
+        )
+        return record, utility(true, gradients)
+
+
+# --- the attacker: simulate the local training with the dummies -------------------------------------------
+
+class LocalUpdates:
+    """An objective part (configs/attack/*.yaml `objective`) for FedAvg clients: from each trial's weights it
+    runs the client's local SGD on the dummies x' (K, B, C, H, W) and label probabilities, differentiably
+    through every step (torch.func), and compares the simulated pseudo-gradient with the shared one by
+    `inner`: cosine (1 - cosine similarity, Inverting Gradients; `layer_weights` as there) or squared_l2
+    (DLG's sum of squares). The local settings come from SharedGradient.local (client.disclose_local);
+    where the server was not told them (None) it simulates one step over the whole batch, the plain
+    gradient, which only the scale-free cosine compares fairly with a several-step update."""
+
+    name = "local_updates"
+    uses_local = True  # GradientInversion passes SharedGradient.local to `build`
+
+    def __init__(self, inner: str = "cosine", layer_weights: str = "equal"):
+        if inner not in INNER_DISTANCES:
+            raise ConfigError(f"objective.inner={inner!r} is not known; valid: {', '.join(INNER_DISTANCES)}")
+        if layer_weights not in LAYER_WEIGHTS:
+            raise ConfigError(f"objective.layer_weights={layer_weights!r} is not known; valid: "
+                              f"{', '.join(LAYER_WEIGHTS)}")
+        if inner == "squared_l2" and layer_weights != "equal":
+            raise ConfigError(f"objective.layer_weights={layer_weights!r} weighs the cosine only; valid with "
+                              "objective.inner=squared_l2: equal")
+        self.inner, self.layer_weights = inner, layer_weights
+
+    def build(self, model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, reduction: str = "mean",
+              local: dict | None = None) -> "BatchedLocalUpdates":
+        return BatchedLocalUpdates(model, batch_size, reduction, local, self.inner, self.layer_weights)
+
+
+def _weighted_cosine_distance(weights: dict[str, float]):
+    """1 - <u', u> / (|u'| |u|) over all tensors as one vector, each tensor weighted (objective.layer_weights)."""
+
+    def distance(simulated, shared):
+        dot = sum(weights[n] * (simulated[n] * shared[n]).sum() for n in shared)
+        simulated_norm2 = sum(weights[n] * simulated[n].square().sum() for n in shared)
+        shared_norm2 = sum(weights[n] * shared[n].square().sum() for n in shared)
+        return 1 - dot / (simulated_norm2.sqrt() * shared_norm2.sqrt())
+
+    return distance
+
+
+class BatchedLocalUpdates:
+    """D for K trials at once, with BatchedDistance's interface: distance(weights, targets, x', label probs,
+    buffers) -> (K,), targets as `prepare` returns them (the shared pseudo-gradients as they are)."""
+
+    def __init__(self, model: nn.Module, batch_size: int, reduction: str, local: dict | None, inner: str,
+                 scheme: str = "equal"):
+        if local is None:  # not told: one step over the whole batch, the plain gradient (lr drops out)
+            lr, epochs, local_batch_size = 1.0, 1, batch_size
+        else:
+            lr, epochs, local_batch_size = float(local["lr"]), int(local["epochs"]), int(local["local_batch_size"])
+        self.local = local
+        simulate = local_training(model, reduction, lr, epochs, local_batch_size, batch_size)
+        if inner == "cosine":
+            compare = _weighted_cosine_distance(layer_weights([n for n, _ in model.named_parameters()], scheme))
+        else:
+            compare = gradient_distance
+
+        def one_trial(weights, targets, x, label_probs, buffers):
+            return compare(simulate(weights, buffers, x, label_probs), targets)
+
+        self._distance = over_trials(one_trial)
+
+    def prepare(self, shared_grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(shared_grads)
+
+    def __call__(self, weights, targets, x, label_probs, buffers=None) -> torch.Tensor:
+        return self._distance(weights, targets, x, label_probs, buffers or {})
