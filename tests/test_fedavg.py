@@ -185,3 +185,16 @@ def test_ig_with_the_simulating_objective_attacks_a_fedavg_client_end_to_end(tmp
         assert r["client_batch_size"] == 2 and r["steps"] == 3 and len(r["images"]) == 2
         assert r["axes"]["client.local_batch_size"] == 1 and r["axes"]["client.epochs"] == 1
         assert 0.0 <= r["distance"] <= 2.0  # a cosine distance
+
+
+def test_dlg_takes_the_simulating_objective_with_its_squared_distance(tmp_path: Path):
+    """The README's override for DLG: learned labels pass through the simulated local steps too."""
+    overrides = ["client=fedavg", "client.batch_size=2", "client.local_batch_size=1", "method=dlg", "steps=2",
+                 "trials=2", "dataset.image_size=8", "attack.dlg.objective._target_=lightning_idlg.fedavg.LocalUpdates",
+                 "+attack.dlg.objective.inner=squared_l2"]
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        cfg = compose("config", overrides=["progress_bar=false", "pictures=false", "progress_trials=0", *overrides])
+    run(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dlg", "dlg"] and all(1 <= r["steps"] <= 2 for r in rows)
+    assert all(r["axes"]["client.lr"] == 1e-3 and r["status"] != "diverged" for r in rows)
