@@ -36,9 +36,9 @@ import copy
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
-from lightning_idlg.client import batch_loss, soft_cross_entropy
+from lightning_idlg.client import batch_loss, over_trials, soft_cross_entropy
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.victim import output_layer
 
@@ -46,25 +46,6 @@ from lightning_idlg.victim import output_layer
 def gradient_distance(dummy_grads: dict[str, torch.Tensor], shared_grads: dict[str, torch.Tensor]) -> torch.Tensor:
     """D = sum_l ||dummy_grad_l - shared_grad_l||^2 over all parameter tensors (one trial)."""
     return sum(((dummy_grads[name] - shared_grads[name]) ** 2).sum() for name in shared_grads)
-
-
-def over_trials(fn):
-    """vmap `fn` over the trial axis (dim 0) of its arguments, where a dict's tensor that is one tensor viewed
-    for all trials (stride 0 on the trial axis: one checkpoint for every trial) enters unbatched. Then a
-    layer's weights meet all K trials' inputs at once (one convolution over K x B images) instead of K
-    copies of themselves (a grouped convolution): the same numbers, less work."""
-
-    def shared(t) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0
-
-    def batched(*args):
-        dims = tuple({n: None if shared(t) else 0 for n, t in a.items()} if isinstance(a, dict) else 0
-                     for a in args)
-        args = tuple({n: t[0] if shared(t) else t for n, t in a.items()} if isinstance(a, dict) else a
-                     for a in args)
-        return vmap(fn, in_dims=dims)(*args)
-
-    return batched
 
 
 # elements of E per block in the exact head term: ~1 MB of float32 stays in a CPU core's cache (2^18 was

@@ -14,9 +14,8 @@ from torch import nn
 from torch.func import functional_call
 from torchmetrics.functional.image import total_variation
 
-from lightning_idlg.client import BatchStatisticsNorm
+from lightning_idlg.client import BatchStatisticsNorm, over_trials
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.objective import over_trials
 
 
 class TotalVariation:

@@ -31,7 +31,9 @@ def records_of(case: str, tmp_path: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_records_equal_the_engine_before_the_composable_core(case, tmp_path, one_thread):
-    rtol = 1e-12 if "float64" in case else 1e-5
+    # float64: 1e-6, not 1e-12, since a lone active trial takes the unbatched route (client.over_trials): the
+    # same numbers to rounding (1e-16), which the L-BFGS trajectory amplifies to 3e-7 in the MSE of one trial
+    rtol = 1e-6 if "float64" in case else 1e-5
     new, old = records_of(case, tmp_path), STORED[case]
     assert len(new) == len(old)
     for a, b in zip(new, old):
