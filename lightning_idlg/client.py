@@ -202,16 +202,9 @@ class Client:
         seeds = list(range(private.images.shape[0])) if seeds is None else list(seeds)
         victim = functional_victim(model, self.mode)
         one_hot = nn.functional.one_hot(private.labels, num_classes).to(private.images.dtype)
-        loss = batch_loss(victim, self.reduction)
-        true = over_trials(grad(loss))(weights, buffers, private.images, one_hot)
+        true = self.undefended(victim, weights, buffers, private.images, one_hot)
         if getattr(defense, "per_sample", False):  # DP-SGD: clip each sample's gradient, then aggregate
-            first = defense.parts[0] if isinstance(defense, Chain) else defense
-            if getattr(first, "reduction", self.reduction) != self.reduction:
-                raise ConfigError(f"the {first.name} defense reduces with {first.reduction!r} but "
-                                  f"client.reduction={self.reduction!r}; set both alike")
-            per_sample = vmap(vmap(grad(batch_loss(victim, "sum")), in_dims=(None, None, 0, 0)))(
-                weights, buffers, private.images[:, :, None], one_hot[:, :, None])
-            shared = defense(per_sample, seeds)  # the defense reduces over B itself (dpsgd.reduction)
+            shared = self.per_sample_defended(defense, victim, weights, buffers, private.images, one_hot, seeds)
         else:
             shared = defense(true, seeds)
         gradients = {name: g.detach() for name, g in shared.items()}
@@ -225,8 +218,29 @@ class Client:
             reduction=self.reduction,
             buffers=buffers if self.share_buffers else None,
             defense=defense.describe() if self.disclose_defense else None,
+            local=self.disclosed_local(),
         )
         return record, utility(true, gradients)
+
+    def undefended(self, victim: nn.Module, weights, buffers, images: torch.Tensor,
+                   one_hot: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the client would share without a defense: the gradient of its B samples' loss."""
+        return over_trials(grad(batch_loss(victim, self.reduction)))(weights, buffers, images, one_hot)
+
+    def per_sample_defended(self, defense: Defense, victim: nn.Module, weights, buffers, images: torch.Tensor,
+                            one_hot: torch.Tensor, seeds: list[int]) -> dict[str, torch.Tensor]:
+        """A per-sample defense (DP-SGD) on each sample's gradient; it reduces over B itself."""
+        first = defense.parts[0] if isinstance(defense, Chain) else defense
+        if getattr(first, "reduction", self.reduction) != self.reduction:
+            raise ConfigError(f"the {first.name} defense reduces with {first.reduction!r} but "
+                              f"client.reduction={self.reduction!r}; set both alike")
+        per_sample = vmap(vmap(grad(batch_loss(victim, "sum")), in_dims=(None, None, 0, 0)))(
+            weights, buffers, images[:, :, None], one_hot[:, :, None])
+        return defense(per_sample, seeds)
+
+    def disclosed_local(self) -> dict | None:
+        """What the server is told of the client's local training (SharedGradient.local): none here."""
+        return None
 
 
 def share_gradient(model: nn.Module, weights: dict[str, torch.Tensor], private: PrivateBatch,

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from lightning_idlg.client import Client, PrivateBatch, SharedGradient, batch_loss, functional_victim
-from lightning_idlg.defenses import Defense, compose, utility
+from lightning_idlg.client import Client, batch_loss, over_trials
+from lightning_idlg.defenses import Defense
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.objective import LAYER_WEIGHTS, gradient_distance, layer_weights, over_trials
+from lightning_idlg.objective import LAYER_WEIGHTS, gradient_distance, layer_weights
 
 INNER_DISTANCES = ("cosine", "squared_l2")
 
@@ -110,39 +110,21 @@ class FedAvgClient(Client):
         """What `disclose_local` tells the server (SharedGradient.local)."""
         return {"lr": self.lr, "epochs": self.epochs, "local_batch_size": self.local_batch_size, "steps": self.steps}
 
-    def share(self, model: nn.Module, weights: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-              private: PrivateBatch, num_classes: int, defense: Defense | None = None,
-              seeds: list[int] | None = None) -> tuple[SharedGradient, dict[str, torch.Tensor]]:
-        """(what is shared, the defense's cost per trial against the undefended u), as Client.share; the
-        defense applies to u as to a gradient."""
-        if private.images.shape[1] != self.batch_size:
-            raise ValueError(f"the private batch holds {private.images.shape[1]} samples per trial, the "
-                             f"client expects {self.batch_size}")
-        defense = compose(defense) if not isinstance(defense, Defense) else defense
-        if getattr(defense, "per_sample", False):
-            raise ConfigError(f"the {defense.name} defense clips the per-sample gradients of one step; "
-                              f"client=fedavg shares an update of {self.steps} local steps: use clip or a noise "
-                              "defense on the update, or client=gradient")
-        seeds = list(range(private.images.shape[0])) if seeds is None else list(seeds)
-        victim = functional_victim(model, self.mode)
-        one_hot = nn.functional.one_hot(private.labels, num_classes).to(private.images.dtype)
+    def undefended(self, victim: nn.Module, weights, buffers, images: torch.Tensor,
+                   one_hot: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The undefended pseudo-gradient u after E epochs of local SGD (Client.share applies the defense to u
+        as to a gradient)."""
         update = over_trials(local_training(victim, self.reduction, self.lr, self.epochs, self.local_batch_size,
                                             self.batch_size))
-        true = {name: u.detach() for name, u in update(weights, buffers, private.images, one_hot).items()}
-        gradients = {name: g.detach() for name, g in defense(true, seeds).items()}
-        record = SharedGradient(
-            model=victim,
-            weights=weights,
-            gradients=gradients,
-            input_shape=tuple(private.images.shape[2:]),
-            num_classes=num_classes,
-            batch_size=self.batch_size,
-            reduction=self.reduction,
-            buffers=buffers if self.share_buffers else None,
-            defense=defense.describe() if self.disclose_defense else None,
-            local=self.local() if self.disclose_local else None,
-        )
-        return record, utility(true, gradients)
+        return {name: u.detach() for name, u in update(weights, buffers, images, one_hot).items()}
+
+    def per_sample_defended(self, defense: Defense, *args, **kwargs) -> dict[str, torch.Tensor]:
+        raise ConfigError(f"the {defense.name} defense clips the per-sample gradients of one step; "
+                          f"client=fedavg shares an update of {self.steps} local steps: use clip or a noise "
+                          "defense on the update, or client=gradient")
+
+    def disclosed_local(self) -> dict | None:
+        return self.local() if self.disclose_local else None
 
 
 # --- the attacker: simulate the local training with the dummies -------------------------------------------
