@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from lightning_idlg.client import PrivateBatch, SharedGradient
+from lightning_idlg.client import SharedGradient
 from lightning_idlg.inversion import Arrival, AttackResult
 from lightning_idlg.monitor import AttackProgress, ReconstructionMonitor
 
