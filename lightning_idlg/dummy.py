@@ -21,8 +21,10 @@ class GaussianDummy:
         for seed in seeds:
             g = torch.Generator().manual_seed(int(seed))
             for _ in range(attempt + 1):
-                dummy = torch.randn((batch_size, *input_shape), generator=g)
-                logit = torch.randn((batch_size, num_classes), generator=g)
+                # float32 whatever the default dtype (Lightning's 64-true precision sets float64 inside fit,
+                # where continuous batching draws): the same seed gives the same start everywhere
+                dummy = torch.randn((batch_size, *input_shape), generator=g, dtype=torch.float32)
+                logit = torch.randn((batch_size, num_classes), generator=g, dtype=torch.float32)
             dummies.append(dummy)
             logits.append(logit)
         return torch.stack(dummies), torch.stack(logits)

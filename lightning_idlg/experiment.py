@@ -31,6 +31,7 @@ from rich.table import Table
 from lightning_idlg import metrics, paper, tracking
 from lightning_idlg.inversion import AttackResult, GradientInversion
 from lightning_idlg.client import Client, PrivateBatch, share_one_network, stack_victims
+from lightning_idlg.continuous import SlotMonitor, Stream, StreamProgress
 from lightning_idlg.defenses import Defense, compose
 from lightning_idlg.data import pick_trials
 from lightning_idlg.errors import ConfigError
@@ -277,6 +278,9 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
         tasks = {m: progress.add_task(m if world == 1 else f"{m} (rank 0 of {world})", total=extra + len(planned),
                                       completed=counts[m], info=f"{converged[m]} converged") for m in methods}
         steps_task = progress.add_task("steps", total=cfg.steps, info="")
+        if cfg.get("continuous_batching"):
+            return _attack_streams(cfg, run_dir, dataset, batches, done, store, methods, logger, trainer_args,
+                                   world, progress, tasks, steps_task, counts, converged, rank)
         for batch in batches:
             private, shared, cost = prepare_batch(cfg, dataset, batch)
             results = {}
@@ -307,6 +311,54 @@ def _attack_batches(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
             save_pictures(cfg, run_dir, batch, private, results)
             del private, shared, results  # on disk now: nothing of a finished batch outlives it
             gc.collect()  # see attack_and_record
+    return step_offset
+
+
+def _attack_streams(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[Trial]], done, store: TrialStore,
+                    methods: list[str], logger, trainer_args: dict, world: int, progress: Progress, tasks: dict,
+                    steps_task, counts: dict, converged: dict, rank: int) -> int:
+    """continuous_batching=true: each attack runs this rank's pending trials through K slots, each refilled as
+    its trial ends (lightning_idlg.continuous); returns the logger's step offset."""
+    trials = [t for batch in batches for t in batch]
+    slots = max(len(batch) for batch in batches)
+    wanted = {t.index: {m for m in methods if (m, t.index) not in done} for t in trials}
+    results: dict[int, dict] = {}  # a trial's results until every attack it waits for has ended (its picture)
+    step_offset = 0
+    for method in methods:
+        todo = [t for t in trials if (method, t.index) not in done]
+        if not todo:
+            continue
+
+        def record(batch, private, result, cost, method=method):
+            store.append(evaluate(cfg, result, private, batch, batch, cost))
+            counts[method] += 1
+            converged[method] += result.status[0] == "converged"
+            progress.update(tasks[method], completed=counts[method], info=f"{converged[method]} converged")
+
+        stream = Stream(cfg, method, todo, lambda group: prepare_batch(cfg, dataset, group), record,
+                        lambda batch, private, res: save_pictures(cfg, run_dir, batch, private, res),
+                        lambda index: wanted[index], results, slots)
+        shared = stream.initial(instantiate(cfg.model.init).one_network)
+        truth = torch.stack([stream.truth(t.index) for t in stream.first])
+        node = cfg.attack[method]
+        optimizer = {} if node.get("optimizer") is not None else {"optimizer": instantiate(cfg.optimizer)}
+        attack: GradientInversion = instantiate(node)(
+            shared=shared, name=method, dummy_seeds=[t.dummy_seed for t in stream.first],
+            snapshot_every=cfg.snapshot_every, snapshot_trials=sum(t.index < cfg.progress_trials for t in stream.first),
+            refill=stream.refill, on_finish=stream.finish, tokens=[t.index for t in stream.first],
+            queued=stream.queued, **optimizer)
+        trainer = instantiate(cfg.trainer, max_steps=attack.max_steps, logger=logger if logger is not None else False,
+                              callbacks=[SlotMonitor(stream, step_offset, truth),
+                                         StreamProgress(progress, steps_task, cfg.steps)], **trainer_args)
+        trainer.fit(attack)
+        step_offset += trainer.global_step
+        statuses = stream.statuses
+        log.info("%s%s: %d trials done through %d slots (%d converged, %d not converged, %d diverged) in %.1f s",
+                 f"rank {rank}: " if world > 1 else "", method, len(todo), len(stream.first),
+                 statuses.count("converged"), statuses.count("not_converged"), statuses.count("diverged"),
+                 attack.seconds)
+        del attack, trainer, stream, shared
+        gc.collect()  # see attack_and_record
     return step_offset
 
 

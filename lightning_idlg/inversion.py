@@ -21,6 +21,13 @@ L-BFGS step runs up to max_iter evaluations through the closure). A trial stops 
 < tolerance (converged), when its dummy or objective is no longer finite or |x'| exceeds the divergence
 bound (diverged), or when it is out of steps or patience (not converged); a failed trial restarts from a
 fresh draw of its own seed while it has restarts left; when all K stopped, training stops.
+
+Continuous batching (`refill` and `on_finish`, lightning_idlg.continuous): the K rows are slots. A trial
+that has stopped for good (no restarts left) is handed to `on_finish` at once, as a one-row AttackResult,
+and its slot takes the next trial from `refill` (its own victim, shared gradient, label, dummy draw,
+optimizer state and stopping counters), so no slot idles while trials are waiting; training stops when
+`refill` has nothing left and every slot has handed its trial over. Nothing couples the rows, so a trial's
+record is the one it gets alone (to rounding; tests/test_continuous.py compares in float64).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -63,12 +70,27 @@ class AttackResult:
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """A trial entering a freed slot (continuous batching): `token` names it to `on_finish`, `shared` is its
+    client's SharedGradient (one trial), `dummy_seed` its dummy draw's seed, `snapshot` whether its
+    progress snapshots are kept."""
+
+    token: Any
+    shared: SharedGradient
+    dummy_seed: int
+    snapshot: bool = False
+
+
 class GradientInversion(pl.LightningModule):
     def __init__(self, shared: SharedGradient, label_strategy: LabelStrategy,
                  optimizer: Callable[..., torch.optim.Optimizer], stopping: Stopping | None = None,
                  objective=None, dummy=None, regularizers: Mapping[str, Callable] | None = None,
                  name: str = "attack", dummy_seeds: list[int] | None = None, snapshot_every: int = 10,
-                 snapshot_trials: int = 0, box: Sequence[float] | None = None):
+                 snapshot_trials: int = 0, box: Sequence[float] | None = None,
+                 refill: Callable[[], Arrival | None] | None = None,
+                 on_finish: Callable[[Any, AttackResult], None] | None = None,
+                 tokens: Sequence[Any] | None = None, queued: int = 0):
         super().__init__()
         if not isinstance(shared, SharedGradient):
             raise TypeError("GradientInversion takes a SharedGradient record (what the client shared) only")
@@ -128,6 +150,15 @@ class GradientInversion(pl.LightningModule):
             if label_strategy.learned:
                 self.register_buffer("best_label", self.dummy_label.detach().clone())
         self.snapshots: dict[int, torch.Tensor] = {}
+        # continuous batching: who is in each slot, since when, its snapshots; `handed_over`: the slot's trial
+        # went to on_finish and nothing came to replace it (the slot is empty)
+        self.refill, self.on_finish = refill, on_finish
+        self.tokens = list(tokens) if tokens is not None else list(range(k))
+        self.queued = queued  # trials refill may still bring (bounds the steps Lightning is given)
+        self._entered = [0.0] * k
+        self._slot_snapshots: list[dict[int, torch.Tensor] | None] = \
+            [{} if row < snapshot_trials else None for row in range(k)]
+        self.register_buffer("handed_over", torch.zeros(k, dtype=torch.bool))
         self._gathered: dict[tuple, tuple[dict, dict, dict]] = {}  # see _held_rows
         self.gathers = 0
         self._started = 0.0
@@ -202,8 +233,14 @@ class GradientInversion(pl.LightningModule):
         return self.optimizer_factory([self.dummy] + ([self.dummy_label] if self.label_strategy.learned else []))
 
     @property
+    def continuous(self) -> bool:
+        return self.on_finish is not None
+
+    @property
     def max_steps(self) -> int:
-        return self.stopping.max_steps
+        """A bound on the optimizer steps: one trial's; continuous batching: a slot may run every trial
+        that is queued after the group's own, one after the other."""
+        return self.stopping.max_steps * (1 + self.queued)
 
     def train_dataloader(self):
         # The data is the shared gradient, held by the module; the loader only paces the steps.
@@ -211,6 +248,7 @@ class GradientInversion(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._started = time.perf_counter()
+        self._entered = [self._started] * self.trials
         self._snapshot(0)
 
     def training_step(self, batch, batch_idx):
@@ -243,10 +281,13 @@ class GradientInversion(pl.LightningModule):
         self.attempt_steps += running.long()
         self._update_status(running)
         self._restart(raw)
-        raw.active = ~(self.converged | self.diverged | self.stopped)
         step = self.global_step
-        if self.snapshot_every and step % self.snapshot_every == 0:
+        if self.continuous:
+            self._snapshot_slots(running)
+            self._hand_over(raw)
+        elif self.snapshot_every and step % self.snapshot_every == 0:
             self._snapshot(step)
+        raw.active = ~(self.converged | self.diverged | self.stopped)
         if not raw.active.any():
             self.trainer.should_stop = True
         return None
@@ -316,12 +357,92 @@ class GradientInversion(pl.LightningModule):
         raw.reset(again)
 
     def _snapshot(self, step: int) -> None:
-        if self.snapshot_trials:
+        if self.continuous:  # the trials' own steps (step 0: each slot's first draw)
+            for row, kept in enumerate(self._slot_snapshots):
+                if kept is not None:
+                    kept[0] = self.dummy.detach()[row].cpu().clone()
+        elif self.snapshot_trials:
             self.snapshots[step] = self.dummy.detach()[: self.snapshot_trials].cpu().clone()
+
+    # continuous batching ----------------------------------------------------------------------------------
+    def _snapshot_slots(self, running: torch.Tensor) -> None:
+        """Each slot's snapshots at its trial's own step counts (a trial entering at global step 57 has its
+        step 10 at global step 67)."""
+        if not self.snapshot_every:
+            return
+        for row, kept in enumerate(self._slot_snapshots):
+            steps = int(self.steps_used[row])
+            if kept is not None and running[row] and steps % self.snapshot_every == 0:
+                kept[steps] = self.dummy.detach()[row].cpu().clone()
+
+    def _hand_over(self, raw) -> None:
+        """Trials stopped for good go to on_finish; their slots take the next trials from refill."""
+        done = (self.converged | self.diverged | self.stopped) & ~self.handed_over
+        now = time.perf_counter()
+        for row in done.nonzero().flatten().tolist():
+            # the record's `seconds`: its time in flight, shared with the K slots it ran beside
+            self.on_finish(self.tokens[row], self._rows_result([row], raw.evaluations[[row]].cpu(),
+                                                               (now - self._entered[row]) / self.trials))
+            arrival = self.refill() if self.refill is not None else None
+            if arrival is None:
+                self.handed_over[row] = True
+            else:
+                self._enter(row, arrival, raw)
+
+    def _enter(self, row: int, arrival: Arrival, raw) -> None:
+        """Put a new trial into slot `row`: everything a trial has of its own starts as in a fresh attack."""
+        shared = arrival.shared
+        if shared.trials != 1 or shared.batch_size != self.batch_size or shared.num_classes != self.num_classes:
+            raise ValueError("a refilled trial must be one trial of the group's client batch size and classes")
+        held = {"weight": shared.weights, "buffer": shared.buffers or {},
+                "target": self._distance.prepare(shared.gradients)}
+        for prefix, tensors in held.items():
+            if list(tensors) != self._names[prefix]:
+                raise ValueError(f"a refilled trial's {prefix}s {list(tensors)} differ from the group's "
+                                 f"{self._names[prefix]}: continuous batching needs trials alike in what they share")
+            for i, (name, t) in enumerate(tensors.items()):
+                slot = getattr(self, f"{prefix}_{i}")
+                if (prefix, name) in self._one_network:  # one network for all: it must be that one
+                    if not torch.equal(slot[0], t[0].to(slot)):
+                        raise ValueError("this group holds one network for all trials; a refilled trial "
+                                         "brought another")
+                else:
+                    slot[row] = t[0].to(slot)
+        self._gathered = {}  # gathered rows of the old trial's victim
+        if not self.label_strategy.learned:
+            self.label[row] = self.label_strategy.restore(shared)[0].to(self.label)
+        self.tokens[row], self.dummy_seeds[row] = arrival.token, arrival.dummy_seed
+        dummy, logits = self.dummy_part.draw([arrival.dummy_seed], tuple(self.dummy.shape[2:]), self.batch_size,
+                                             self.num_classes)
+        with torch.no_grad():
+            self.dummy[row] = dummy[0].to(self.dummy)
+            if self.label_strategy.learned:
+                self.dummy_label[row] = logits[0].to(self.dummy_label)
+        for flag in (self.diverged, self.stopped, self.converged):
+            flag[row] = False
+        for counter in (self.steps_used, self.attempt_steps, self.restarts, self.anchor_step):
+            counter[row] = 0
+        self.distance[row] = self.anchor_distance[row] = float("inf")
+        if self.stopping.keep == "best":
+            self.best_distance[row] = float("inf")
+            self.best_dummy[row] = self.dummy.detach()[row]
+            if self.label_strategy.learned:
+                self.best_label[row] = self.dummy_label.detach()[row]
+        mask = torch.zeros_like(self.converged)
+        mask[row] = True
+        raw.reset(mask)
+        raw.evaluations[row] = 0
+        self._entered[row] = time.perf_counter()
+        self._slot_snapshots[row] = {0: self.dummy.detach()[row].cpu().clone()} if arrival.snapshot else None
 
     def on_train_end(self) -> None:
         self.seconds = time.perf_counter() - self._started
-        self.evaluations = self.optimizers().optimizer.evaluations.cpu()
+        raw = self.optimizers().optimizer
+        self.evaluations = raw.evaluations.cpu()
+        if self.continuous:  # stopped by Lightning (a step bound): what is still in a slot is handed over too
+            self.stopped |= ~(self.converged | self.diverged | self.handed_over)
+            self.refill = None
+            self._hand_over(raw)
         self._gathered = {}  # copies of the victims' weights: free them with the attack done
         if self.snapshot_every and self.snapshot_trials:
             # a group that stopped early keeps its final dummies: fill the later slots with them
@@ -330,26 +451,37 @@ class GradientInversion(pl.LightningModule):
                 self.snapshots.setdefault(step, final)
 
     def result(self) -> AttackResult:
+        """The K trials' results (a fixed group; with continuous batching, on_finish had them one by one)."""
+        return self._rows_result(list(range(self.trials)), self.evaluations, self.seconds)
+
+    def _rows_result(self, rows: list[int], evaluations: torch.Tensor, seconds: float) -> AttackResult:
         status = [DIVERGED if d else CONVERGED if c else NOT_CONVERGED
-                  for c, d in zip(self.converged.tolist(), self.diverged.tolist())]
-        dummy, label, distance = self.dummy.detach(), self.predicted_label, self.distance
+                  for c, d in zip(self.converged[rows].tolist(), self.diverged[rows].tolist())]
+        dummy, label, distance = self.dummy.detach()[rows], self.predicted_label[rows], self.distance[rows]
         if self.stopping.keep == "best":  # trials that never had a finite objective keep their last iterate
-            found = torch.isfinite(self.best_distance)
-            dummy = torch.where(found.view(-1, *[1] * (dummy.dim() - 1)), self.best_dummy, dummy)
-            distance = torch.where(found, self.best_distance, distance)
+            found = torch.isfinite(self.best_distance[rows])
+            dummy = torch.where(found.view(-1, *[1] * (dummy.dim() - 1)), self.best_dummy[rows], dummy)
+            distance = torch.where(found, self.best_distance[rows], distance)
             if self.label_strategy.learned:
-                label = torch.where(found[:, None], self.best_label.argmax(-1), label)
+                label = torch.where(found[:, None], self.best_label[rows].argmax(-1), label)
+        snapshots = self.snapshots
+        if self.continuous:  # one trial: its own snapshots, its last dummy in the steps after it stopped
+            kept = self._slot_snapshots[rows[0]] or {}
+            final = self.dummy.detach()[rows[0]].cpu().clone()
+            every = self.snapshot_every
+            snapshots = {step: kept.get(step, final)[None]
+                         for step in range(0, self.stopping.steps + 1, every or 1)} if kept and every else {}
         return AttackResult(
             method=self.method,
             dummy=dummy.cpu().clone(),
             predicted_label=label.cpu(),
             distance=distance.cpu(),
             status=status,
-            steps=self.steps_used.cpu(),
-            evaluations=self.evaluations,
-            seconds=self.seconds,
-            snapshots=self.snapshots,
-            restarts=self.restarts.cpu(),
+            steps=self.steps_used[rows].cpu(),
+            evaluations=evaluations,
+            seconds=seconds,
+            snapshots=snapshots,
+            restarts=self.restarts[rows].cpu(),
         )
 
 

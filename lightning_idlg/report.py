@@ -64,8 +64,8 @@ LINES = {"paper": "-", "improved": "-.", "custom": ":"}   # ours by protocol; th
 # config keys (and key prefixes) that may differ between pooled runs: which sample of trials (seed, trials),
 # where the data lie, and where and how the run ran and was recorded; everything else changes what a trial
 # measures, so runs that differ in it are never pooled
-PLACEMENT = ("hydra", "seed", "trials", "trials_per_group", "threads", "progress_bar", "pictures", "progress_trials",
-             "snapshot_every", "logger", "optimized_metric", "dataset.root", "dataset.download", "trainer.accelerator",
+PLACEMENT = ("hydra", "seed", "trials", "trials_per_group", "continuous_batching", "threads", "progress_bar",
+             "pictures", "progress_trials", "snapshot_every", "logger", "optimized_metric", "dataset.root", "dataset.download", "trainer.accelerator",
              "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.enable_checkpointing",
              "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.num_sanity_val_steps",
              "metrics")   # evaluation only: adds numbers (metrics.lpips) to records, changes none

@@ -43,7 +43,7 @@ CONFIG_FILE = "config.yaml"
 # `settings`). trials_per_group and the trainer's device keys change a record only by float32 rounding.
 EXCLUDE = (
     "hydra", "trials", "resume", "progress_bar", "progress_trials", "snapshot_every", "pictures", "threads",
-    "logger", "optimized_metric", "trials_per_group",
+    "logger", "optimized_metric", "trials_per_group", "continuous_batching",
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
     "trainer.enable_checkpointing", "trainer.enable_progress_bar", "trainer.enable_model_summary",
     "trainer.num_sanity_val_steps",

@@ -71,6 +71,8 @@ def validate_settings(cfg: DictConfig) -> None:
     positive(cfg, "threads", integer=True, optional=True)
     positive(cfg, "progress_trials", integer=True, zero=True)
     positive(cfg, "snapshot_every", integer=True)
+    if not isinstance(cfg.get("continuous_batching", False), bool):
+        raise ConfigError(f"continuous_batching must be true or false, got {cfg.continuous_batching!r}")
     _validate_device(cfg)
     _validate_dataset(cfg)
     _validate_model(cfg)
