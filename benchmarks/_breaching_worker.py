@@ -8,31 +8,29 @@ CASE_DIR (written by peer_breaching.py) holds overrides.json (breaching's Hydra 
 user, attack), settings.json (how to treat a local-update user's labels, see below) and one
 trial_<index>.pt per trial (torch.save) with the exact tensors our side attacks: `images` (B, C, H, W) in
 [0, 1], `labels` (B,), `weights` and `buffers` (our victim's, in parameter / buffer order), `dummy`
-(B, C, H, W): our dummy start, and `gradient` (our client's shared gradient, or a FedAvg client's
-pseudo-gradient u = (w_0 - w_E) / (lr T), only to compare with breaching's). This shard attacks trials
-shard, shard + shards, ... (in index order) one after another, as breaching runs (one process, one trial
-at a time, loading each trial's file when it gets to it), and writes per trial: the reconstruction, the
-labels breaching's objective used, its objective per iteration, objective evaluations, wall and CPU
-seconds of the attack (and the CPU seconds of the float64 check below, which is not breaching's work), checksums of what breaching's model and user saw, and the relative difference
-||g - g_ours|| / ||g_ours|| of breaching's shared gradient (all tensors as one vector).
+(B, C, H, W): our dummy start, and `gradient` and `gradient64` (our client's shared gradient, or a FedAvg
+client's pseudo-gradient u = (w_0 - w_E) / (lr T), as shared and computed again in float64; only to
+compare with breaching's). This shard attacks trials shard, shard + shards, ... (in index order) one after
+another, as breaching runs (one process, one trial at a time, loading each trial's file when it gets to
+it), and writes per trial: the reconstruction, the labels breaching's objective used, its objective per
+iteration, objective evaluations, wall and CPU seconds of the attack, checksums of what breaching's model
+and user saw, and relative differences ||g - g_ours|| / ||g_ours|| (all tensors as one vector) of
+breaching's shared gradient: as shared against ours as shared, as shared against our float64, and
+breaching's user replayed on float64 copies of model and data against our float64 (the check; its CPU
+seconds are written apart, as not breaching's work).
 
 The case is built from its parts, offline (breaching.cases.construct_case would build a torchvision loader
 with download=True): get_config -> construct_model -> construct_server (honest-but-curious) -> the user
 (UserSingleStep, or UserMultiStep for `case.user.user_type=local_update`) with our images as its data ->
 prepare_attack -> reconstruct(initial_data=our dummy start).
 
-A local-update user (FedAvg) shares w_E - w_0 = -lr T u: its shared update is compared with ours as
--update / (lr T). In float32 that difference says little: w_E - w_0 cancels digits, and T local steps of an
-untrained BatchNorm network amplify rounding (float32 and float64 runs of one SGD loop differ by ~1e-3 at
-T = 5). So its local training is also run once in float64 (the same UserMultiStep code on a float64 copy of
-model and data) and compared with our client's update in float64 (`gradient64`): the check that both
-sides run the same local SGD. Labels: breaching's multi-step
-objective does not use the labels its label strategy restores but the true labels of every local step,
-which its user discloses with the local hyperparameters (`provide_local_hyperparams`). settings.json
-`local_labels`: `restored` (the default) replaces them with breaching's own label strategy applied to
-the update with its sign turned (-update is a positive multiple of u, the gradient-like quantity the
-strategies read, as ours reads u), one full-batch list per step (every local step must take all B
-samples); `disclosed` keeps breaching's threat model (the true labels).
+A local-update user (FedAvg) shares w_E - w_0 = -lr T u, compared with ours as -update / (lr T). Labels:
+breaching's multi-step objective does not use the labels its label strategy restores but the true labels
+of every local step, which its user discloses with the local hyperparameters (`provide_local_hyperparams`).
+settings.json `local_labels`: `restored` (the default) replaces them with breaching's own label strategy
+applied to the update with its sign turned (-update is a positive multiple of u, the gradient-like
+quantity the strategies read, as ours reads u), one full-batch list per step (every local step must take
+all B samples); `disclosed` keeps breaching's threat model (the true labels).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
     python benchmarks/peer_breaching.py --trials 50 --cores 2                    # DLG and IG, 50 trials each
     python benchmarks/peer_breaching.py --attacks ig --ig-models resnet20 --ig-steps 2400 \
         --checkpoint resnet20=/path/to/resnet20.pt --breaching-venv /path/to/venv
+    # client batches and FedAvg (issue 14), ~27 min wall on 2 quiet cores (estimate below); writes the page
+    python benchmarks/peer_breaching.py --trials 20 --cores 2 --attacks ig_batch,fedavg --batch-sizes 4,8 \
+        --local-steps 1,5,10 --ig-steps 200 --fedavg-steps 40 --write-doc docs/batches.md
 
 breaching runs in a venv of its own (--breaching-venv, default /work/breaching-venv), never in ours:
 
@@ -23,6 +26,34 @@ Comparisons (`--attacks`):
     iteration on one core, both sides alike (measured on a loaded machine): ConvNet ~0.22 s CPU, ResNet-20
     ~0.03 s; so 20 trials at 2,400 iterations take ~3 CPU-hours per side on ConvNet, ~25 CPU-minutes on
     ResNet-20 (--attacks ig --ig-models resnet20 runs one alone).
+(c) ig_batch: Inverting Gradients on clients of B samples (--batch-sizes, default 4 and 8) on
+    --batch-model (ResNet-20), untrained: ours `method=ig model=resnet20 client.batch_size=B`, breaching
+    `attack=invertinggradients case.user.num_data_points=B`, --ig-steps each. Labels (--batch-labels) by
+    a rule both sides compute identically for B > 1: `yin` (ours lightning_idlg.labels.Yin, breaching
+    `label_strategy=yin`: the B most negative row minima of the head's weight gradient; default) or
+    `bias-corrected` (ours BiasCorrected); the check below says whether both restored the same multiset.
+(d) fedavg: a FedAvg client of --fedavg-batch (4) samples making T local SGD steps (--local-steps, default
+    1, 5, 10), each over all B samples at lr --local-lr (1e-3): ours `client=fedavg client.epochs=T
+    client.local_batch_size=B client.lr=LR` attacked by `method=ig` with the LocalUpdates objective (it
+    simulates the T steps with the dummies); breaching's `local_update` user (`case/user=local_updates
+    num_local_updates=T num_data_per_local_update_step=B local_learning_rate=LR
+    provide_local_hyperparams=True`) attacked by `invertinggradients`, whose objective then simulates the
+    same steps (`_grad_fn_multi_step`: T differentiable SGD steps of the dummies from the sent weights,
+    compared with the shared update by the cosine). --fedavg-steps iterations (default --ig-steps). Full-
+    batch steps because 1, 5 and 10 steps over B = 4 samples are possible no other way, and because a
+    restored label belongs to no sample: with smaller local batches the labels of each step would be a
+    guess. Labels: breaching's multi-step objective ignores its label strategy and uses the true labels of
+    every step, which its user discloses with the local hyperparameters; --breaching-local-labels
+    restored (default) replaces them by breaching's own strategy (--batch-labels) on the update with its
+    sign turned, the same rule ours applies to its pseudo-gradient u = (w_0 - w_E) / (lr T); `disclosed`
+    keeps breaching's threat model (our side has no way to be given the labels).
+    Cost per client and IG iteration on one core (both sides alike within ~30%; from runs of 2 clients at
+    5 and 25 iterations on a loaded machine, so an upper bound; ours may be lower with 10 clients per
+    vmapped group, not measured): ResNet-20 IG at B = 4 ~0.05-0.08 s CPU, B = 8 ~0.06-0.11 s; FedAvg at
+    B = 4, T = 1 ~0.06 s, T = 5 ~0.3 s, T = 10 ~0.6 s (the objective backpropagates through T local steps).
+    So (c) and (d) at 20 clients cost about 6.4 CPU-s per iteration of (c) and 40 CPU-s per iteration of
+    (d), both sides together, plus ~300 CPU-s of start-up and case writing: --ig-steps 200 --fedavg-steps
+    40 is ~3,200 CPU-s, ~27 min wall on 2 cores; 500 and 100 would take ~65 min.
 
 Same trials: our side composes the app's own config with the same overrides as its run and takes, for the
 seed, the app's trial plan (experiment.plan_trials: which CIFAR-100 images, victim and dummy seeds) and the
@@ -36,7 +67,13 @@ server sends the buffers, so pass `--ig-override client.mode=eval --ig-override 
 and the labels by the same rule as ours (our iDLG weight_sum rule: breaching's iDLG; bias: its analytic).
 Checksums of images, labels and weights are printed per side (breaching's taken from what its user and its
 model's payload hold), and the relative L2 difference of breaching's shared gradient from ours (all tensors
-as one vector; over 1e-4 fails).
+as one vector). The check (over 1e-4 fails) compares both computed in float64: our client once more in
+float64 (victims, images, local SGD), breaching's user code replayed on float64 copies by its worker
+(outside its timed attack; that CPU is taken off its total). In float32 two implementations of the same
+computation can differ by more (a BatchNorm network's gradient at small batch variances, T local SGD
+steps that amplify rounding: float32 and float64 runs of one plain torch.optim.SGD loop differ by ~1e-3 at
+T = 5), so the float32 differences are printed beside it, each side's against float64 too. FedAvg: the
+update breaching shares is w_E - w_0, compared as -update / (lr T).
 
 Cores: both sides get --cores processes of one thread each (OMP_NUM_THREADS=1, torch.set_num_threads(1)).
 Ours: the app's own parallelism (`trainer=ddp trainer.devices=<cores> threads=1`, trials per group auto).
@@ -45,7 +82,11 @@ shared out (trial i to process i mod cores): its best configuration. Each side i
 (interpreter start, imports, data, all attacks): wall time, and CPU time as getrusage of the child
 processes (user + system, every descendant included), so `attacks per CPU-minute` is attacks / CPU
 minutes spent, not wall x cores. Metrics on both sides are ours (lightning_idlg.metrics: MSE on raw
-pixels, PSNR and SSIM clamped to [0, 1]); success is MSE < 1e-3.
+pixels, PSNR and SSIM clamped to [0, 1]); success is MSE < 1e-3. At B > 1 an attack is a client: each
+reconstruction is matched to a private image (metrics.match, Hungarian on MSE; breaching's reconstructions
+the same way, reconstruction i carrying breaching's sorted label i), PSNR, SSIM and success are per image
+(median over all images), the per-client PSNR a client's mean over its images (median over clients), label
+accuracy per image after matching, and exact the clients whose restored label multiset is right.
 
 Known differences (see also /work/shared/docs/peer-breaching.md): breaching's Euclidean objective is
 0.5 * sum ||dg||^2 (ours sum ||dg||^2), so L-BFGS's first step and its tolerances differ and so do
@@ -56,10 +97,13 @@ zeros (the last row and column also count |x|) and adds 1e-8 to every term, ours
 not; both divide by the pixels x channels.
 
 Prints per comparison and side: attacks per minute, attacks per CPU-minute, success, label accuracy,
-median PSNR and SSIM, median objective evaluations; then the ratio ours / theirs. The last lines are
-machine-readable, `ratio_per_cpu_minute <comparison>: X` (comparison: dlg, ig_<model>[_checkpoint]).
-Logs, both sides' outputs and results.json (every trial of both sides) go to outputs/benchmarks/peer-<time>/
-(--out); the trial files handed to breaching too with --keep-cases.
+median PSNR (per image and per client) and SSIM, median objective evaluations; then the ratio ours /
+theirs. The last lines are machine-readable, `ratio_per_cpu_minute <comparison>: X` (comparison: dlg,
+ig_<model>[_checkpoint], ig_<model>_b<B>, fedavg_<model>_b<B>_t<T>). Logs, both sides' outputs,
+results.json (every trial of both sides) and run.json (command, machine) go to
+outputs/benchmarks/peer-<time>/ (--out); the trial files handed to breaching too with --keep-cases.
+--write-doc PATH writes the tables as a page (docs/batches.md); --doc-from RUN_DIR --write-doc PATH writes
+it again from a run's folder without running.
 """
 
 from __future__ import annotations
@@ -487,7 +531,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = {"command": "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
            "started": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "load_start": os.getloadavg()[0],
-           "cores": args.cores, "trials": args.trials, "seed": args.seed, "out": str(out)}
+           "cores": args.cores, "trials": args.trials, "seed": args.seed, "out": str(out),
+           "batch_labels": args.batch_labels, "breaching_local_labels": args.breaching_local_labels}
     print(f"peer line: breaching 0.1.2 ({args.breaching_venv}) and lightning_idlg on the same {args.trials} "
           f"CIFAR-100 trials (seed {args.seed}, {args.data_root}); {args.cores} process(es) x 1 thread per side; "
           f"IG budget {args.ig_steps} iterations (FedAvg: {args.fedavg_steps}); {os.cpu_count()} CPUs, load average "
@@ -566,8 +611,10 @@ the details.
   `--breaching-local-labels disclosed`, they are replaced by breaching's own label strategy applied to the
   update (sign turned), the same rule as ours on the pseudo-gradient.
 - **Same work, checked**: checksums of what both sides saw (images, labels, weights); breaching's shared
-  gradient (FedAvg: its update as -update / (lr T), and its local training replayed in float64) against
-  ours, relative L2 difference below 1e-4; the same restored labels on both sides.
+  gradient (FedAvg: its update, as -update / (lr T)) against ours with both computed in float64, relative
+  L2 difference below 1e-4 (in float32 the same computation can differ by more: BatchNorm at small batch
+  variances, rounding amplified over T local steps; those differences are in the checks table); the same
+  restored labels on both sides.
 - **Metrics** (ours on both sides, `lightning_idlg.metrics`): each reconstruction is matched to a private
   image (Hungarian assignment on MSE), then PSNR and SSIM per image (clamped to [0, 1]); *per image* is
   the median over all images, *per client* the median over clients of a client's mean PSNR; label
@@ -577,12 +624,19 @@ the details.
 """
 
 
+LOCAL_LABELS = {"restored": "the labels its own strategy restored from the update (as ours)",
+                "disclosed": "the true labels its user disclosed (its threat model; ours restored them)"}
+
+
 def write_doc(path: Path, results: dict, run: dict) -> None:
     """The page: the fixed description above, the command and machine, and the tables of `results`."""
     lines = [DOC_INTRO, "**Command** (from the repository root; started " + run["started"] + ", "
              f"{run['cpus']} CPUs, load average {run['load_start']:.2f} at the start and {run['load_end']:.2f} at "
              "the end):", "```bash", run["command"], "```", "",
-             f"## Results ({run['trials']} clients per row, seed {run['seed']}, {run['cores']} process(es) per side)", "",
+             *([f"Labels at B > 1: `{run['batch_labels']}` on both sides; breaching's FedAvg objective used "
+                f"{LOCAL_LABELS[run['breaching_local_labels']]}.", ""] if "batch_labels" in run else []),
+             f"## Results ({run['trials']} clients per row, seed {run['seed']}, {run['cores']} process(es) per "
+             "side)", "",
              "| comparison | B | local steps | side | attacks / CPU-min | attacks / min | median PSNR per image "
              "| median PSNR per client | median SSIM | label accuracy (exact) | success (MSE < 1e-3) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
