@@ -161,12 +161,14 @@ def batch_label_overrides(args) -> list[str]:
 
 def batch_comparisons(args) -> list[Comparison]:
     """(c) IG at client batches B (--batch-sizes) and (d) a FedAvg client of --fedavg-batch samples with
-    T full-batch local steps (--local-steps), on --batch-model, untrained."""
+    T full-batch local steps (--local-steps), on --batch-model, untrained unless --ig-override says."""
     out, model, ig = [], args.batch_model, ["attack=invertinggradients"]
+    # the victim as --ig-override sets it (e.g. model/init=checkpoint model.init.path=...), else untrained
+    victim = ", ".join(o for o in args.ig_override if o.startswith("model")) or "untrained"
     if "ig_batch" in args.attacks:
         for b in args.batch_sizes:
             out.append(Comparison(
-                f"ig_{model}_b{b}", f"Inverting Gradients, client batch {b}, {model} (untrained), labels "
+                f"ig_{model}_b{b}", f"Inverting Gradients, client batch {b}, {model} ({victim}), labels "
                 f"{args.batch_labels}, {args.ig_steps} iterations",
                 ["dataset=cifar100", f"method={args.ig_method}", f"model={model}", f"client.batch_size={b}",
                  f"steps={args.ig_steps}", *batch_label_overrides(args), *args.ig_override],
@@ -176,7 +178,7 @@ def batch_comparisons(args) -> list[Comparison]:
         for t in args.local_steps:
             out.append(Comparison(
                 f"fedavg_{model}_b{b}_t{t}", f"FedAvg client, {b} samples, {t} full-batch local SGD step(s) at lr "
-                f"{args.local_lr:g}, attacked by Inverting Gradients simulating them, {model} (untrained), labels "
+                f"{args.local_lr:g}, attacked by Inverting Gradients simulating them, {model} ({victim}), labels "
                 f"{args.batch_labels}, {args.fedavg_steps} iterations",
                 ["dataset=cifar100", f"method={args.ig_method}", f"model={model}", "client=fedavg",
                  f"client.batch_size={b}", f"client.epochs={t}", f"client.local_batch_size={b}",
@@ -590,8 +592,8 @@ DOC_INTRO = """# Client batches and FedAvg against breaching 0.1.2
 
 Inverting Gradients on clients of more than one sample, run by `lightning_idlg` and by the peer framework
 breaching 0.1.2 on **the same clients**: the same CIFAR-100 test-subset images (`../shared/data/cifar100`),
-the same victim weights (ResNet-20, untrained, PyTorch's init, copied into breaching's `resnet20` by
-parameter order), the same dummy start, the same iteration budget, both sides on the same cores (one
+the same victim weights (by default an untrained ResNet-20 with its own init; the comparisons' titles
+below say which), copied into breaching's model of the same name by parameter order, the same dummy start, the same iteration budget, both sides on the same cores (one
 thread per process: ours as `trainer=ddp` ranks, breaching as one process per core with the clients shared
 out). Written by `benchmarks/peer_breaching.py --write-doc` from the run below; the script's docstring has
 the details.
