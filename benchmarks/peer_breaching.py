@@ -593,10 +593,10 @@ DOC_INTRO = """# Client batches and FedAvg against breaching 0.1.2
 Inverting Gradients on clients of more than one sample, run by `lightning_idlg` and by the peer framework
 breaching 0.1.2 on **the same clients**: the same CIFAR-100 test-subset images (`../shared/data/cifar100`),
 the same victim weights (by default an untrained ResNet-20 with its own init; the comparisons' titles
-below say which), copied into breaching's model of the same name by parameter order, the same dummy start, the same iteration budget, both sides on the same cores (one
-thread per process: ours as `trainer=ddp` ranks, breaching as one process per core with the clients shared
-out). Written by `benchmarks/peer_breaching.py --write-doc` from the run below; the script's docstring has
-the details.
+below say which), copied into breaching's model of the same name by parameter order, the same dummy
+start, the same iteration budget, both sides on the same cores (one thread per process: ours as
+`trainer=ddp` ranks, breaching as one process per core with the clients shared out). Written by
+`benchmarks/peer_breaching.py --write-doc` from the run below; the script's docstring has the details.
 
 - **IG at client batch B** (`ig_<model>_b<B>`): ours `method=ig model=resnet20 client.batch_size=B`,
   breaching `attack=invertinggradients case.user.num_data_points=B`; both read the B labels off the head's
