@@ -24,8 +24,10 @@ git ref REF (a copy under another name), with its own experiment/objective/optim
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,6 +70,7 @@ def package_at(ref: str) -> str:
     """Import name of a copy of lightning_idlg/ as committed at git ref `ref` (its imports renamed)."""
     name = "lightning_idlg_" + re.sub(r"\W", "_", ref)
     where = Path(tempfile.mkdtemp(prefix="evaluation_cost_"))
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
     tar = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "lightning_idlg"], check=True,
                          capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(where)], input=tar, check=True)
