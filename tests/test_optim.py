@@ -377,3 +377,33 @@ def test_adam_frozen_trial_neither_moves_nor_ages():
     p, _, _ = b.step()
     assert close(p[1], alone[1][0][3][0])   # its 4th step, with its own bias correction
     assert not close(p[1], alone[1][0][6][0])
+
+
+def test_lbfgs_trials_out_of_step_are_aligned_and_take_the_same_steps_bit_for_bit():
+    """A trial that sat out steps falls behind the others in its history's ring buffer; the two-loop reads
+    every trial's i-th newest pair from one slot, so one of the two is rotated to the other's position
+    (its pairs moved, not changed): both take exactly the steps of their solo runs."""
+    fs, x0 = [rosenbrock(100.0), rosenbrock(30.0), rosenbrock(100.0)], x_start(3, seed=7)
+    alone = _alone(fs, x0, 4)
+    b = Batched(BatchedLBFGS, fs, x0)
+    b.step()
+    b.opt.active[1] = False          # sits out two steps (every step of these runs all 20 iterations)
+    b.step(), b.step()
+    b.opt.active[1] = True
+    assert int(b.opt.pos[1]) != int(b.opt.pos[0]) == int(b.opt.pos[2])  # out of step
+    rotated, align = [], b.opt._align
+
+    def spy(rows):
+        before = b.opt.pos[rows].clone()
+        clock = align(rows)
+        rotated.append(bool((before != clock).any()))
+        assert bool((b.opt.pos[rows] == clock).all())
+        return clock
+
+    b.opt._align = spy
+    p, _, _ = b.step()
+    assert rotated[0]  # the first iteration brought the trials in step
+    assert torch.equal(p[1], alone[1][0][1][0])  # its second step, as alone, to the last bit
+    assert torch.equal(p[0], alone[0][0][3][0]) and torch.equal(p[2], alone[2][0][3][0])
+    p, _, _ = b.step()
+    assert torch.equal(p[1], alone[1][0][2][0])
