@@ -342,19 +342,21 @@ class GradientInversion(pl.LightningModule):
         rows = again.nonzero().squeeze(1)
         self.restarts[rows] += 1
         for row in rows.tolist():
-            dummy, logits = self.dummy_part.draw([self.dummy_seeds[row]], tuple(self.dummy.shape[2:]),
-                                                 self.batch_size, self.num_classes, attempt=int(self.restarts[row]))
-            with torch.no_grad():
-                self.dummy[row] = dummy[0].to(self.dummy)
-                if self.label_strategy.learned:
-                    self.dummy_label[row] = logits[0].to(self.dummy_label)
-        for flag in (self.diverged, self.stopped, self.converged):
-            flag[rows] = False
-        self.attempt_steps[rows] = 0
-        self.anchor_distance[rows] = float("inf")
-        self.anchor_step[rows] = 0
-        self.distance[rows] = float("inf")
+            self._new_attempt(row, int(self.restarts[row]))
         raw.reset(again)
+
+    def _new_attempt(self, row: int, attempt: int) -> None:
+        """Trial `row` starts over: draw `attempt` of its dummy seed, stopping counters of an attempt reset."""
+        dummy, logits = self.dummy_part.draw([self.dummy_seeds[row]], tuple(self.dummy.shape[2:]), self.batch_size,
+                                             self.num_classes, attempt=attempt)
+        with torch.no_grad():
+            self.dummy[row] = dummy[0].to(self.dummy)
+            if self.label_strategy.learned:
+                self.dummy_label[row] = logits[0].to(self.dummy_label)
+        for flag in (self.diverged, self.stopped, self.converged):
+            flag[row] = False
+        self.attempt_steps[row] = self.anchor_step[row] = 0
+        self.distance[row] = self.anchor_distance[row] = float("inf")
 
     def _snapshot(self, step: int) -> None:
         if self.continuous:  # the trials' own steps (step 0: each slot's first draw)
@@ -412,17 +414,8 @@ class GradientInversion(pl.LightningModule):
         if not self.label_strategy.learned:
             self.label[row] = self.label_strategy.restore(shared)[0].to(self.label)
         self.tokens[row], self.dummy_seeds[row] = arrival.token, arrival.dummy_seed
-        dummy, logits = self.dummy_part.draw([arrival.dummy_seed], tuple(self.dummy.shape[2:]), self.batch_size,
-                                             self.num_classes)
-        with torch.no_grad():
-            self.dummy[row] = dummy[0].to(self.dummy)
-            if self.label_strategy.learned:
-                self.dummy_label[row] = logits[0].to(self.dummy_label)
-        for flag in (self.diverged, self.stopped, self.converged):
-            flag[row] = False
-        for counter in (self.steps_used, self.attempt_steps, self.restarts, self.anchor_step):
-            counter[row] = 0
-        self.distance[row] = self.anchor_distance[row] = float("inf")
+        self._new_attempt(row, 0)
+        self.steps_used[row] = self.restarts[row] = 0
         if self.stopping.keep == "best":
             self.best_distance[row] = float("inf")
             self.best_dummy[row] = self.dummy.detach()[row]
