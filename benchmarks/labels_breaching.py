@@ -11,6 +11,12 @@ breaching's for the same method.
 
     PYTHONPATH=. python benchmarks/labels_breaching.py dataset=mnist dataset.root=../shared/data/mnist \
         --clients 200 --whitebox-clients 20 --markdown docs/labels_mnist.md
+    PYTHONPATH=. python benchmarks/labels_breaching.py model=resnet20 model/init=checkpoint \
+        model.init.path=resnet20_cifar100.pt dataset=cifar100 dataset.root=../shared/data/cifar100 \
+        --group 10 --csv resnet_trained.csv          # also our rows, as lightning-idlg-labels writes them
+
+Our side is the experiment's own loop (label_restoration.restore_cells), so its rows (--csv) are the ones
+lightning-idlg-labels writes for the same overrides.
 
 breaching's `wainakh-whitebox` runs 2 C dummy backward passes per client (200 for CIFAR-100): it is run on
 the first --whitebox-clients clients of a cell only (their scores are over those clients).
@@ -35,48 +41,59 @@ PAIRS = {"iDLG": "iDLG", "yin": "Yin", "wainakh-simple": "LLG", "wainakh-whitebo
 
 # ------------------------------------------------------------------------------------------- our side
 
-def our_side(overrides: list[str], clients: int, work: Path) -> tuple[list[dict], dict]:
-    """Writes victims.pt and cell_<i>.pt into `work`; returns (cells: labels, B, our scores per strategy,
-    private labels), info."""
+def our_side(overrides: list[str], clients: int, group: int, work: Path, whitebox_clients: int) -> tuple[list[dict], dict]:
+    """The experiment's own cells (label_restoration.restore_cells: same victims, draws and gradients as
+    lightning-idlg-labels with these overrides), `group` clients at a time. Writes cell_<i>.pt (the head
+    gradients of all clients) and victims.pt (the victim's factory and the first `whitebox_clients`
+    clients' weights and buffers, for breaching's white-box strategy) into `work`; returns (cells: labels,
+    B, our scores and labels per strategy, private labels), info (with our rows in COLUMNS form)."""
     import torch
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
     from lightning_idlg import label_restoration as lr
     from lightning_idlg.label_metrics import score
     from lightning_idlg.victim import output_layer
 
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        cfg = compose("label_restoration", overrides=[*overrides, f"clients={clients}", f"clients_per_group={clients}"])
+        cfg = compose("label_restoration", overrides=[*overrides, f"clients={clients}", f"clients_per_group={group}"])
     torch.set_num_threads(1)
     lr.validate(cfg)
     parts = lr.strategies(cfg)
     dataset = lr.load_dataset(cfg)
-    images, labels = lr.dataset_tensors(dataset)
-    chunk = list(range(clients))
-    model, weights, buffers = lr.build_victims(cfg, dataset, chunk)
-    head, _ = output_layer(model)
-    torch.save({"weights": weights, "shape": dataset.shape, "num_classes": dataset.num_classes,
-                "activation": cfg.model.factory.get("activation", "sigmoid"), "width": cfg.model.factory.get("width", 12),
-                "head": head}, work / "victims.pt")
-    cells, seconds = [], 0.0
-    for (mode, b), picks in lr.draw_cells(cfg, labels).items():
-        shared = lr.share(cfg, b, model, weights, buffers, images[picks], labels[picks], dataset.num_classes,
-                          lr.compose_defense(cfg), chunk)
-        private = labels[picks]
+    gathered: dict[tuple, dict] = {}
+    seconds = 0.0
+    for cell in lr.restore_cells(cfg, dataset, parts):
+        shared = cell["shared"]
+        head, _ = output_layer(shared.model)
+        if not (work / "victims.pt").exists():
+            n = min(whitebox_clients, len(cell["clients"]))
+            torch.save({"factory": OmegaConf.to_container(cfg.model.factory, resolve=True), "shape": dataset.shape,
+                        "num_classes": dataset.num_classes,
+                        "weights": {k: w[:n].clone() for k, w in shared.weights.items()},
+                        "buffers": {k: b[:n].clone() for k, b in (shared.buffers or {}).items()}}, work / "victims.pt")
+        into = gathered.setdefault((cell["labels"], cell["batch_size"]), {"weight": [], "bias": [], "private": [], "ours": {}})
+        into["weight"].append(shared.gradients[f"{head}.weight"].clone())
+        into["bias"].append(shared.gradients[f"{head}.bias"].clone())
+        into["private"].append(cell["private"])
+        for name, restored in cell["restored"].items():
+            into["ours"].setdefault(name, []).append(restored)
+        seconds += sum(cell["seconds"].values())
+    cells, rows = [], []
+    describe = lr.describe_run(cfg, dataset, " ".join(overrides))
+    for i, ((mode, b), got) in enumerate(gathered.items()):
+        private = torch.cat(got["private"])
         ours = {}
-        for name, strategy in parts.items():
-            if lr.applies(strategy, b, dataset.num_classes):
-                start = time.perf_counter()
-                restored = strategy.restore(shared)
-                seconds += time.perf_counter() - start
-                ours[name] = {k: float(v.double().mean()) for k, v in score(restored, private, dataset.num_classes).items()}
-                ours[name]["labels"] = restored.tolist()
-        i = len(cells)
-        torch.save({"batch_size": b, "weight": shared.gradients[f"{head}.weight"].clone(),
-                    "bias": shared.gradients[f"{head}.bias"].clone()}, work / f"cell_{i}.pt")
+        for name, pieces in got["ours"].items():
+            restored = torch.cat(pieces)
+            scores = {k: float(v.double().mean()) for k, v in score(restored, private, dataset.num_classes).items()}
+            rows.append({**describe, "labels": mode, "batch_size": b, "strategy": name,
+                         "distinct_assumed": parts[name].distinct, "clients": len(private), **scores})
+            ours[name] = {**scores, "labels": restored.tolist()}
+        torch.save({"batch_size": b, "weight": torch.cat(got["weight"]), "bias": torch.cat(got["bias"])}, work / f"cell_{i}.pt")
         cells.append({"labels": mode, "batch_size": b, "ours": ours, "private": private.tolist()})
     return cells, {"dataset": dataset.name, "num_classes": dataset.num_classes, "ours_restore_s": seconds,
-                   "activation": str(cfg.model.factory.get("activation", ""))}
+                   "victim": lr.victim_title(describe), "rows": rows}
 
 
 def breaching_scores(cells: list[dict], results: list[dict], num_classes: int) -> None:
@@ -112,7 +129,7 @@ def _fmt(scores: dict | None) -> str:
 
 
 def table(cells: list[dict], info: dict, clients: int) -> str:
-    lines = [f"**{info['dataset']}, LeNet ({info['activation']})**: instance accuracy, ours / breaching "
+    lines = [f"**{info['dataset']}, {info['victim']}**: instance accuracy, ours / breaching "
              f"(exact-multiset accuracy in brackets); {clients} clients per cell unless marked\n"]
     modes = list(dict.fromkeys(c["labels"] for c in cells))
     for mode in modes:
@@ -158,13 +175,24 @@ def breaching_side(work: Path, whitebox_clients: int) -> None:
     logging.disable(logging.INFO)  # it logs the labels of every call
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT))
-    from lightning_idlg.victim import LeNet  # torch only: the same architecture as our side
 
     victims = torch.load(work / "victims.pt", weights_only=False)
     c, h, _ = victims["shape"]
-    model = LeNet(c, h, victims["num_classes"], activation=victims["activation"], width=victims["width"])
+
+    def victim(j: int | None = None) -> torch.nn.Module:
+        """Our victim's architecture (lightning_idlg.architectures / victim: torch only), client j's weights."""
+        from hydra.utils import instantiate
+
+        model = instantiate(victims["factory"])(in_channels=c, image_size=h, num_classes=victims["num_classes"])
+        if j is not None:  # buffers only where the client shared them (train-mode BatchNorm does not read them)
+            missing = model.load_state_dict({k: v[j] for k, v in (victims["weights"] | victims["buffers"]).items()},
+                                            strict=False).missing_keys
+            if set(missing) - dict(model.named_buffers()).keys():
+                raise SystemExit(f"victims.pt does not fit {type(model).__name__}: missing {missing[:3]}")
+        return model
+
     cfg = breaching.get_config(overrides=["attack=seethroughgradients"])
-    attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg.attack)
+    attacker = breaching.attacks.prepare_attack(victim(), torch.nn.CrossEntropyLoss(), cfg.attack)
     attacker.data_shape = victims["shape"]
     results = []
     for i in range(len(list(work.glob("cell_*.pt")))):
@@ -180,11 +208,7 @@ def breaching_side(work: Path, whitebox_clients: int) -> None:
             try:
                 for j in range(n):
                     user = [{"gradients": [cell["weight"][j], cell["bias"][j]], "metadata": {"num_data_points": b}}]
-                    models = []
-                    if name == "wainakh-whitebox":
-                        victim = LeNet(c, h, victims["num_classes"], activation=victims["activation"], width=victims["width"])
-                        victim.load_state_dict({p: w[j] for p, w in victims["weights"].items()})
-                        models = [victim]
+                    models = [victim(j)] if name == "wainakh-whitebox" else []
                     torch.manual_seed(j)
                     labels.append(attacker._recover_label_information(user, None, models).tolist())
                 out[name] = labels
@@ -199,19 +223,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="configs/label_restoration.yaml overrides (dataset=..., labels=...)")
     parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--group", type=int, default=100,
+                        help="clients whose gradients are computed at once (memory: ResNet-20 at B = 64 needs ~1 GB a client)")
     parser.add_argument("--whitebox-clients", type=int, default=20)
     parser.add_argument("--work", default="/tmp/labels_breaching")
     parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--csv", help="also write our rows (lightning-idlg-labels' labels.csv columns) to this file")
     parser.add_argument("--breaching-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
     if args.breaching_side:
         return breaching_side(work, args.whitebox_clients)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # restore_cells' progress
     work.mkdir(parents=True, exist_ok=True)
-    for old in work.glob("cell_*.pt"):
-        old.unlink()
+    for old in [*work.glob("cell_*.pt"), work / "victims.pt"]:
+        old.unlink(missing_ok=True)
     start = time.perf_counter()
-    cells, info = our_side(args.overrides, args.clients, work)
+    cells, info = our_side(args.overrides, args.clients, args.group, work, args.whitebox_clients)
     ours_s = time.perf_counter() - start
     start = time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
@@ -224,6 +254,10 @@ def main() -> None:
              f"{info['ours_restore_s']:.1f} s), breaching side {theirs_s:.0f} s\n")
     print(text)
     (work / "cells.json").write_text(json.dumps(cells))  # with both sides' labels per client
+    if args.csv:
+        from lightning_idlg.label_restoration import write_csv
+
+        write_csv(info["rows"], Path(args.csv))
     if args.markdown:
         Path(args.markdown).write_text(text)
 

@@ -18,7 +18,9 @@ Within a class, a client's images are distinct while the class has enough of the
 
 Outputs in the run dir: `labels.csv` (one row per cell and strategy; every row names its data set, victim,
 client, defense and the command-line overrides), `labels.md` (tables of accuracy against B) and
-`labels.png` (instance accuracy and exact-multiset accuracy against B, per strategy).
+`labels.png` (instance accuracy and exact-multiset accuracy against B, per strategy). With `logger=wandb`
+the same table (a wandb.Table) and picture go to a W&B run as well (tracking.log_label_results; offline
+without an API key, as for the attack app).
 """
 
 from __future__ import annotations
@@ -177,34 +179,51 @@ def draw_cells(cfg: DictConfig, labels: torch.Tensor) -> dict[tuple[str, int], t
     return picks
 
 
-def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
-    """Every cell's row (COLUMNS): scores averaged over the cell's clients. Victims are built once per group
-    of clients and reused by every cell (client i meets the same victim at every B and label draw)."""
-    from lightning_idlg.label_metrics import score
+def restore_cells(cfg: DictConfig, dataset, parts: dict):
+    """Yields, per group of clients (`clients_per_group`) and per cell (label draw, B): a dict with `labels`
+    (the draw), `batch_size`, `clients` (their indices), `shared` (the SharedGradient), `private` (K, B)
+    and `restored` (strategy name -> (K, B) labels, for the strategies that apply), `seconds` (restoration
+    time per strategy). Victims are built once per group and reused by every cell (client i meets the same
+    victim at every B and label draw). This experiment and benchmarks/labels_breaching.py both read it."""
+    import time
 
-    validate(cfg)
-    parts = strategies(cfg)
-    dataset = load_dataset(cfg)
     images, labels = dataset_tensors(dataset)
     defense = compose_defense(cfg)
     picks = draw_cells(cfg, labels)
     group = cfg.clients_per_group
-    sums: dict[tuple, dict[str, float]] = {}
     for chunk in [list(range(s, min(s + group, cfg.clients))) for s in range(0, cfg.clients, group)]:
         model, weights, buffers = build_victims(cfg, dataset, chunk)
         for (mode, b), drawn in picks.items():
             mine = drawn[chunk]
             shared = share(cfg, b, model, weights, buffers, images[mine], labels[mine], dataset.num_classes,
                            defense, chunk)
+            restored, seconds = {}, {}
             for name, strategy in parts.items():
                 if applies(strategy, b, dataset.num_classes):
-                    scores = score(strategy.restore(shared), labels[mine], dataset.num_classes)
-                    total = sums.setdefault((mode, b, name), dict.fromkeys((*SCORE_NAMES, "clients"), 0.0))
-                    for s in SCORE_NAMES:
-                        total[s] += float(scores[s].sum())
-                    total["clients"] += len(chunk)
+                    start = time.perf_counter()
+                    restored[name] = strategy.restore(shared)
+                    seconds[name] = time.perf_counter() - start
+            yield {"labels": mode, "batch_size": b, "clients": chunk, "shared": shared, "private": labels[mine],
+                   "restored": restored, "seconds": seconds}
         log.info("clients %d-%d done", chunk[0], chunk[-1])
-    describe = _describe(cfg, dataset, overrides)
+
+
+def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
+    """Every cell's row (COLUMNS): scores averaged over the cell's clients."""
+    from lightning_idlg.label_metrics import score
+
+    validate(cfg)
+    parts = strategies(cfg)
+    dataset = load_dataset(cfg)
+    sums: dict[tuple, dict[str, float]] = {}
+    for cell in restore_cells(cfg, dataset, parts):
+        for name, restored in cell["restored"].items():
+            scores = score(restored, cell["private"], dataset.num_classes)
+            total = sums.setdefault((cell["labels"], cell["batch_size"], name), dict.fromkeys((*SCORE_NAMES, "clients"), 0.0))
+            for s in SCORE_NAMES:
+                total[s] += float(scores[s].sum())
+            total["clients"] += len(cell["clients"])
+    describe = describe_run(cfg, dataset, overrides)
     return [{**describe, "labels": mode, "batch_size": b, "strategy": name,
              "distinct_assumed": parts[name].distinct, "clients": int(t["clients"]),
              **{s: t[s] / t["clients"] for s in SCORE_NAMES}} for (mode, b, name), t in sums.items()]
@@ -244,11 +263,16 @@ def share(cfg, batch_size, model, weights, buffers, images, labels, num_classes,
     return client.share(model, weights, buffers, private, num_classes, defense, seeds)[0]
 
 
-def _describe(cfg: DictConfig, dataset, overrides: str) -> dict:
-    """What made a row: data set, victim (class and activation), init, client, defense, seed, overrides."""
+def describe_run(cfg: DictConfig, dataset, overrides: str) -> dict:
+    """What made a row: data set, victim (class, with its depth where it has one, and activation), init
+    (with the checkpoint's file name: which training state), client, defense, seed, overrides."""
     factory = cfg.model.factory
     target = str(factory.get("target") or factory.get("_target_", "?")).rsplit(".", 1)[-1]
+    if factory.get("depth") is not None:
+        target = f"{target}-{factory.depth}"
     init = cfg.model.init.get("_target_", "?").rsplit(".", 1)[-1]
+    if cfg.model.init.get("path"):
+        init = f"{init}({Path(str(cfg.model.init.path)).name})"
     return {"dataset": dataset.name, "model": target, "activation": factory.get("activation", ""),
             "init": init, "reduction": cfg.client.get("reduction", "mean"), "client_mode": cfg.client.get("mode", "train"),
             "defense": "+".join(cfg.get("defense") or {}) or "none", "seed": cfg.seed, "overrides": overrides}
@@ -264,16 +288,34 @@ def write_csv(rows: list[dict], path: Path) -> None:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
+INIT_WORDS = {"UniformInit": "untrained, uniform init", "DefaultInit": "untrained, PyTorch init"}
+
+
+def victim_title(row: dict) -> str:
+    """`LeNet (sigmoid), untrained, uniform init` / `ResNet-20, trained (final.pt)`: a row's victim in words."""
+    init = str(row.get("init", ""))
+    if init.startswith("CheckpointInit"):
+        words = f"trained {init[len('CheckpointInit'):]}".strip()
+    else:
+        words = INIT_WORDS.get(init, init)
+    activation = f" ({row['activation']})" if row.get("activation") else ""
+    return f"{row['model']}{activation}, {words}" if words else f"{row['model']}{activation}"
+
+
+def _victim(row: dict) -> tuple:
+    return row["dataset"], row["model"], row["activation"], row.get("init", "")
+
+
 def markdown(rows: list[dict]) -> str:
-    """One table per (data set, victim, label draw): strategies x B, cells `instance / exact` accuracy."""
+    """One table per (data set, victim, defense, label draw): strategies x B, cells `instance / exact` accuracy."""
     out = []
-    groups = sorted({(r["dataset"], r["model"], r["activation"], r["defense"], r["labels"]) for r in rows})
+    groups = sorted({(*_victim(r), r["defense"], r["labels"]) for r in rows})
     for key in groups:
-        cells = [r for r in rows if (r["dataset"], r["model"], r["activation"], r["defense"], r["labels"]) == key]
+        cells = [r for r in rows if (*_victim(r), r["defense"], r["labels"]) == key]
         sizes = sorted({r["batch_size"] for r in cells})
         names = list(dict.fromkeys(r["strategy"] for r in cells))
-        dataset, model, activation, defense, mode = key
-        out.append(f"**{dataset}, {model} ({activation or 'default'}), defense {defense}, {mode} labels** "
+        defense, mode = key[-2:]
+        out.append(f"**{key[0]}, {victim_title(cells[0])}, defense {defense}, {mode} labels** "
                    f"({cells[0]['clients']} clients per cell; instance accuracy / exact-multiset accuracy)\n")
         out.append("| strategy | " + " | ".join(f"B={b}" for b in sizes) + " |")
         out.append("|---|" + "---|" * len(sizes))
@@ -285,15 +327,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict]):
     """Instance (solid) and exact-multiset (dashed) accuracy against B: one row of panels per data set and
-    victim, one column per label draw, one colour per strategy."""
+    victim, one column per label draw, one colour per strategy. A matplotlib Figure (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    victims = sorted({(r["dataset"], r["model"], r["activation"]) for r in rows})
+    victims = sorted({_victim(r) for r in rows})
     modes = [m for m in LABEL_MODES if any(r["labels"] == m for r in rows)]
     names = list(dict.fromkeys(r["strategy"] for r in rows))
     colours = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
@@ -302,21 +344,30 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, victim in enumerate(victims):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
+            mine = [r for r in rows if _victim(r) == victim and r["labels"] == mode]
             for name in names:
-                cells = sorted((r for r in rows if (r["dataset"], r["model"], r["activation"]) == victim
-                                and r["labels"] == mode and r["strategy"] == name), key=lambda r: r["batch_size"])
+                cells = sorted((r for r in mine if r["strategy"] == name), key=lambda r: r["batch_size"])
                 if cells:
                     x = [r["batch_size"] for r in cells]
                     ax.plot(x, [r["instance_accuracy"] for r in cells], "-o", ms=3, color=colours[name], label=name)
                     ax.plot(x, [r["exact"] for r in cells], "--", color=colours[name], alpha=0.6)
             ax.set_xscale("log", base=2)
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{victim[0]}, {victim[1]} ({victim[2] or 'default'}), {mode} labels", fontsize=9)
+            title = victim_title(next(r for r in rows if _victim(r) == victim))
+            ax.set_title(f"{victim[0]}, {title},\n{mode} labels", fontsize=8)
             if i == len(victims) - 1:
                 ax.set_xlabel("client batch size B")
         axes[i][0].set_ylabel("accuracy\n(solid: instance, dashed: exact)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """`figure` saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -356,6 +407,23 @@ def _app(cfg: DictConfig) -> None:
     write_outputs(rows, out_dir)
     log.info("%s", markdown(rows))
     log.info("wrote %s, labels.md, labels.png", out_dir / "labels.csv")
+    logger = make_logger(cfg)
+    if logger is not None:
+        from lightning_idlg.tracking import log_label_results
+
+        log_label_results(logger, rows, COLUMNS, out_dir / "labels.png", OmegaConf.to_container(cfg, resolve=True))
+
+
+def make_logger(cfg: DictConfig):
+    """The experiment logger of `logger=` (configs/logger/*.yaml), or None (logger=none). The W&B logger
+    tags the attack app's methods; here the label strategies take their place."""
+    if not cfg.get("logger"):
+        return None
+    from hydra.utils import instantiate
+
+    if "methods" in cfg.logger:  # replaces `${oc.dict.keys:attack}`: this config has no attack
+        cfg.logger.methods = list(cfg.strategies)
+    return instantiate(cfg.logger)
 
 
 def main() -> None:

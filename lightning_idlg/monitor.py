@@ -3,7 +3,9 @@
 `ReconstructionMonitor` is on the evaluation side of the wall: it holds the private images to log the
 MSE / PSNR curves the paper plots, and only reads the attack's dummies; the attack never sees it.
 With a W&B logger it also logs image panels (tracking.log_panel: ground truth over reconstruction of
-the first few trials) every `logger.image_every` steps and at the batch's last step.
+the first few trials; for clients of B > 1 samples tracking.log_client_panels: one panel per client, its
+B private images over the reconstructions matched to them) every `logger.image_every` steps and at the
+batch's last step.
 `AttackProgress` moves the run's rich progress bars at every optimizer step: the method's bar (trials
 converged / active / done) and the steps bar (ETA, median distance), from the attack's public state.
 """
@@ -19,7 +21,9 @@ from lightning_idlg import metrics, tracking
 class ReconstructionMonitor(pl.Callback):
     """Logs per step, for the K trials of one attack batch: median distance D, median MSE, median PSNR and
     the number of trials still running, under `<method>/...`, at step `step_offset + global_step` so
-    that consecutive batches draw one continuous curve."""
+    that consecutive batches draw one continuous curve. `private_images` are the batch's K clients' B
+    images flattened (K * B, C, H, W), `trial_indices` the trial of each. With B > 1 the MSE and PSNR
+    compare each private image with the reconstruction matched to it (metrics.match), as the records do."""
 
     def __init__(self, private_images: torch.Tensor, step_offset: int = 0, every: int = 1,
                  trial_indices: list[int] | None = None):
@@ -32,7 +36,10 @@ class ReconstructionMonitor(pl.Callback):
         step = trainer.global_step
         if trainer.logger is None or step % self.every:
             return
-        dummy = pl_module.dummy.detach().cpu().flatten(0, 1)  # (K, B, C, H, W) -> one image per row
+        dummy = pl_module.dummy.detach().cpu()  # (K, B, C, H, W)
+        if dummy.shape[1] > 1:
+            dummy = tracking.matched_reconstructions(dummy, self.private_images.reshape(dummy.shape))
+        dummy = dummy.flatten(0, 1)  # one image per row
         mse = metrics.mse(dummy, self.private_images)
         psnr = metrics.psnr(dummy, self.private_images)
         prefix = pl_module.method
@@ -43,17 +50,25 @@ class ReconstructionMonitor(pl.Callback):
             f"{prefix}/active_trials": int((~(pl_module.converged | pl_module.diverged)).sum()),
         }, step=self.step_offset + step)
         if tracking.panel_due(trainer.logger, step):
-            self._panel(trainer, pl_module, dummy)
+            self._panel(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # the batch's final reconstructions, also when it stopped early (all trials converged) between panels
         if trainer.logger is not None and not tracking.panel_due(trainer.logger, trainer.global_step):
-            self._panel(trainer, pl_module, pl_module.dummy.detach().cpu().flatten(0, 1))
+            self._panel(trainer, pl_module)
 
-    def _panel(self, trainer, pl_module, dummy: torch.Tensor) -> None:
-        if trainer.is_global_zero:  # building the grid is work: skip it where Lightning would drop the log
-            tracking.log_panel(trainer.logger, pl_module.method, self.private_images, dummy,
-                               self.step_offset + trainer.global_step, trainer.global_step, self.trial_indices)
+    def _panel(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:  # building the grid is work: skip it where Lightning would drop the log
+            return
+        dummy = pl_module.dummy.detach().cpu()  # (K, B, C, H, W)
+        step = self.step_offset + trainer.global_step
+        b = dummy.shape[1]
+        if b == 1:
+            tracking.log_panel(trainer.logger, pl_module.method, self.private_images, dummy.flatten(0, 1), step,
+                               trainer.global_step, self.trial_indices)
+        else:  # one panel per client; trial_indices holds each client's trial B times
+            tracking.log_client_panels(trainer.logger, pl_module.method, self.private_images.reshape(dummy.shape),
+                                       dummy, step, trainer.global_step, self.trial_indices[::b])
 
 
 class AttackProgress(pl.Callback):

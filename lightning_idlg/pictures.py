@@ -5,7 +5,9 @@
 - `progress_NNNNN.png`: one row per method, a snapshot every `snapshot_every` steps from step 0 (the
   random draw) up to the step the trial stopped at (converged, diverged or out of steps), each tile
   labelled with its step (the paper's Figure 2);
-- the W&B reconstruction panels (`tracking.log_panel`): ground truth over reconstruction, per trial.
+- the W&B reconstruction panels (`tracking.log_panel`): ground truth over reconstruction, per trial; for
+  clients of B > 1 samples (`tracking.log_client_panels`) one per client: its B private images over the
+  reconstructions matched to them.
 
 Tiles are shown clamped to [0, 1], the domain the metrics use (NaN shows black), quantized to 8 bits as
 torchvision's `save_image` does (x * 255 + 0.5, truncated), and upscaled by a whole factor, at least
@@ -195,3 +197,14 @@ def panel_canvas(method: str, step: int, truth: torch.Tensor, dummy: torch.Tenso
     name = METHOD_NAMES.get(method, method)
     return labelled_grid([list(truth), list(dummy)], ["ground\ntruth", f"{name}\nstep {step}"], [],
                          f"{name} reconstruction at step {step}", [f"trial {i}" for i in trials])
+
+
+def client_panel_canvas(method: str, step: int, trial: int, truth: torch.Tensor, matched: torch.Tensor,
+                        errors: list[float]) -> Canvas:
+    """A W&B panel for one client of B samples: its private images (top row) over the reconstructions at
+    `step` matched to them (bottom row, column j: the reconstruction assigned to private image j), each
+    reconstruction labelled with its MSE `errors[j]` to that image."""
+    name = METHOD_NAMES.get(method, method)
+    return labelled_grid([list(truth), list(matched)], ["private", f"{name}\nstep {step}"],
+                         [[], [f"MSE {_sci(e)}" for e in errors]],
+                         f"{name} at step {step}, client of trial {trial}", [f"image {j}" for j in range(len(truth))])

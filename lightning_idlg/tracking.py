@@ -5,9 +5,13 @@
   set, and carries the image-panel settings that `ReconstructionMonitor` reads.
 - `log_panel`: a labelled picture of ground truth (top row) over current reconstructions (bottom row)
   for the first few trials of the batch in flight, 8-bit RGB; W&B only (other loggers have no images).
+- `log_client_panels`: for clients of B > 1 samples, one such picture per client (`<method>/client_<trial>`):
+  its B private images over the reconstructions matched to them (metrics.match).
 - `log_run_results`: once per run, the resolved config, the summary scalars (any logger) and, for W&B,
   the summary in `run.summary` and a per-trial table; then it closes the W&B run, so that the next
   job of a multirun (same process) starts a run of its own.
+- `log_label_results`: once per label-restoration run (`lightning-idlg-labels logger=wandb`), the config,
+  and for W&B the per-cell accuracy table and the accuracy-against-B plot.
 - `flat_summary`: summary.json as flat metric names (`idlg/fidelity/1e-03`): what W&B's summary holds
   and what a W&B sweep or `optimized_metric` (Optuna) names.
 
@@ -124,6 +128,75 @@ def log_panel(logger: Logger | None, method: str, truth: torch.Tensor, dummy: to
     caption = (f"{method} at step {attack_step} of its batch (chart step {step}): ground truth (top) over "
                f"reconstruction (bottom), trials {', '.join(map(str, trials))}")
     logger.log_metrics({f"{method}/reconstructions": wandb.Image(canvas.image, caption=caption)}, step=step)
+
+
+def client_panel_key(method: str, trial: int) -> str:
+    return f"{method}/client_{trial}"
+
+
+def log_client_panels(logger: Logger | None, method: str, truth: torch.Tensor, dummy: torch.Tensor, step: int,
+                      attack_step: int | None = None, trials: list[int] | None = None) -> None:
+    """Clients of B > 1 samples ((K, B, C, H, W) each): one picture per client of the batch's first
+    `image_trials`, `<method>/client_<trial>` (client_panel_key), its B private images (top row) over the
+    reconstructions matched to them (bottom row, each under the private image it was assigned to by
+    metrics.match, the assignment of least total MSE: a reconstruction's position in the dummy batch means
+    nothing), each reconstruction labelled with its MSE to that image. 8-bit RGB as in `log_panel`, all of a
+    step's panels in one log call at `step`. Rank zero only; W&B only."""
+    every, n = panel_settings(logger)
+    if not (every and n) or rank_zero_only.rank != 0:
+        return
+    import wandb
+
+    from lightning_idlg import metrics
+    from lightning_idlg.pictures import client_panel_canvas
+
+    n = min(n, len(dummy))
+    attack_step = step if attack_step is None else attack_step
+    trials = list(trials)[:n] if trials is not None else list(range(n))
+    truth, dummy = truth[:n].cpu(), dummy[:n].detach().cpu()
+    matched = matched_reconstructions(dummy, truth)
+    panels = {}
+    for trial, private, mine in zip(trials, truth, matched):
+        errors = metrics.mse(mine, private).tolist()
+        canvas = client_panel_canvas(method, attack_step, trial, private, mine, errors)
+        caption = (f"{method}, client of trial {trial}, at step {attack_step} of its batch (chart step {step}): "
+                   f"its {len(private)} private images (top) over the reconstructions matched to them (bottom)")
+        panels[client_panel_key(method, trial)] = wandb.Image(canvas.image, caption=caption)
+    logger.log_metrics(panels, step=step)
+
+
+def matched_reconstructions(dummy: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(K, B, C, H, W) reconstructions reordered so that [k, j] is the one metrics.match assigns to private
+    image [k, j]."""
+    from lightning_idlg import metrics
+
+    order = metrics.match(dummy, truth)
+    return dummy[torch.arange(len(dummy))[:, None], order]
+
+
+LABEL_TABLE, LABEL_PLOT = "label_restoration/table", "label_restoration/accuracy_vs_B"
+
+
+def log_label_results(logger: Logger | None, rows: list[dict], columns: list[str] | tuple, plot: str | Path,
+                      config: dict) -> None:
+    """Once per label-restoration run (lightning_idlg.label_restoration), after labels.csv and labels.png:
+    the resolved `config` as hyperparameters (any logger); for W&B the per-cell table `LABEL_TABLE` (one row
+    per data set x victim x label draw x B x strategy, `columns` as in labels.csv) and the picture `plot`
+    (labels.png) as `LABEL_PLOT`, then the W&B run is finished (a multirun's next job starts its own)."""
+    if logger is None:
+        return
+    logger.log_hyperparams(config)
+    if not isinstance(logger, WandbLogger):
+        logger.finalize("success")
+        return
+    import wandb
+
+    data = [[_number(v) if isinstance(v, float) else v for v in (row.get(c) for c in columns)] for row in rows]
+    run = logger.experiment
+    run.log({LABEL_TABLE: wandb.Table(columns=list(columns), data=data),
+             LABEL_PLOT: wandb.Image(str(plot), caption="label restoration: instance accuracy (solid) and "
+                                     "exact-multiset accuracy (dashed) against the client batch size B")})
+    run.finish()
 
 
 def flat_summary(summary: dict[str, dict]) -> dict[str, float]:

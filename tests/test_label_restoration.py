@@ -202,6 +202,27 @@ def test_cli_writes_rows(tmp_path):
     assert "| strategy | B=1 | B=2 | B=16 |" in (tmp_path / "labels.md").read_text()
 
 
+def test_cli_resnet_from_a_checkpoint(tmp_path):
+    """A trained-victim run (model=resnet20, model/init=checkpoint): one saved network for every client; its
+    rows name the depth and the checkpoint, its tables say `trained`. The head has a bias and its input
+    (after ReLU and average pooling) is >= 0: at B = 1 every strategy is exact."""
+    from lightning_idlg.architectures import ResNet
+
+    checkpoint = tmp_path / "resnet8.pt"
+    torch.manual_seed(0)
+    torch.save(ResNet(1, 8, 10, depth=8, width=0.25).state_dict(), checkpoint)
+    done = run_cli(tmp_path / "run", "model=resnet20", "model.factory.depth=8", "model.factory.width=0.25",
+                   "model/init=checkpoint", f"model.init.path={checkpoint}", "clients=8", "clients_per_group=4",
+                   "batch_sizes=[1,4]", "labels=distinct")
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(open(tmp_path / "run" / "labels.csv")))
+    assert {(r["model"], r["activation"], r["init"]) for r in rows} == {("ResNet-8", "", "CheckpointInit(resnet8.pt)")}
+    assert {r["strategy"] for r in rows if r["batch_size"] == "1"} == {"iDLG", "Yin", "LLG", "LLGPlus", "bias-corrected"}
+    assert all(float(r["exact"]) == 1.0 for r in rows if r["batch_size"] == "1")
+    assert "**digits, ResNet-8, trained (resnet8.pt), defense none, distinct labels**" in \
+        (tmp_path / "run" / "labels.md").read_text()
+
+
 def test_cli_bad_label_mode_one_line(tmp_path):
     done = run_cli(tmp_path, "labels=sorted")
     assert done.returncode == 2

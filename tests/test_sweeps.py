@@ -27,7 +27,8 @@ LAUNCH = ["${env}", "${interpreter}", "-m", "lightning_idlg", "${args_no_hyphens
 
 
 def test_there_are_sweeps():
-    assert {p.stem for p in SWEEPS} >= {"paper_grid", "lbfgs_bayes", "optimizer_random"}
+    assert {p.stem for p in SWEEPS} >= {"paper_grid", "lbfgs_bayes", "optimizer_random", "defense_strength",
+                                        "client_batch", "fedavg_local_steps"}
 
 
 def proposed_runs(config: dict, limit: int = 24) -> list[sweeps.SweepRun]:
@@ -82,7 +83,7 @@ def test_sweep_composes_as_hydra_overrides(path, monkeypatch):
             assert cfg.hydra.run.dir == "outputs/sweeps/sweep1/run1"  # no two runs share a run dir
             assert cfg.logger._target_ == "lightning_idlg.tracking.WandbTracker"
             for key, value in ((k, v["value"]) for k, v in run.config.items()):
-                if key in ("dataset", "optimizer", "experiment", "defense"):  # config groups: the choice took effect
+                if key in ("dataset", "optimizer", "experiment", "defense", "client", "model"):  # config groups: the choice took effect
                     assert cfg.hydra.runtime.choices[key] == value
                 elif key == "method":
                     assert list(cfg.attack) == [value], f"{path.name}: method={value} did not land"
@@ -108,3 +109,24 @@ def test_paper_grid_runs_are_the_paper_experiments():
                 assert list(grid.attack) == [method] and grid.attack[method] == paper.attack[method]
                 assert {k: v for k, v in grid.items() if k != "attack"} == \
                        {k: v for k, v in paper.items() if k != "attack"}, dataset
+
+
+def test_batch_and_local_step_sweeps_reach_the_client_and_attack():
+    """client_batch.yaml: B in 1..8 with batch label strategies (iDLG's rule key removed, the strategy
+    checked against B by validate); fedavg_local_steps.yaml: a FedAvg client of 4 samples, 1, 5, 10 local
+    full-batch steps, attacked by IG simulating them."""
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        for path, method in (("client_batch", "idlg"), ("fedavg_local_steps", "ig")):
+            config = yaml.safe_load((SWEEPS[0].parent / f"{path}.yaml").read_text())
+            seen = set()
+            for run in proposed_runs(config):
+                cfg = compose("config", overrides=agent_argv(config["command"], run.config)[4:])
+                validate(cfg)
+                assert "rule" not in cfg.attack[method].label_strategy
+                seen.add((cfg.client.batch_size, cfg.client.get("epochs"), cfg.attack[method].label_strategy._target_))
+            if method == "idlg":
+                assert {b for b, _, _ in seen} == {1, 2, 4, 8} and len(seen) == 8
+            else:
+                assert cfg.client._target_ == "lightning_idlg.fedavg.FedAvgClient" and cfg.client.local_batch_size is None
+                assert cfg.attack.ig.objective._target_ == "lightning_idlg.fedavg.LocalUpdates"
+                assert seen == {(4, e, "lightning_idlg.labels.BiasCorrected") for e in (1, 5, 10)}

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from lightning_idlg import tracking
-from lightning_idlg.pictures import panel_canvas, to_uint8
+from lightning_idlg.pictures import GAP, client_panel_canvas, panel_canvas, to_uint8
 from lightning_idlg.results import summarize
 
 def _digits(size: int) -> torch.Tensor:
@@ -259,3 +259,114 @@ def test_panel_holds_the_reconstruction_in_0_255():
         assert torch.equal(tile[0, ::canvas.scale, ::canvas.scale].float(), expected)   # independent of to_uint8
     assert int(_tile(panel, canvas, 1, 1)[0, 2 * canvas.scale, 3 * canvas.scale]) == 0    # NaN: black
     assert int(panel.max()) == 255 and int(panel.min()) == 0
+
+
+def _stored(image) -> torch.Tensor:
+    with Image.open(image._path) as stored:
+        assert stored.format == "PNG" and stored.mode == "RGB"
+        return torch.from_numpy(np.array(stored)).permute(2, 0, 1)
+
+
+def test_client_panels_put_each_reconstruction_under_its_matched_private_image():
+    """B = 3: one panel per client (`idlg/client_<trial>`), 2 rows x 3 columns: the private images on top,
+    under private image j the reconstruction metrics.match assigns to it (here: the dummy batch holds the
+    private images in another order, plus noise), labelled with its MSE to that image."""
+    generator = torch.Generator().manual_seed(1)
+    truth = torch.rand(2, 3, 1, 8, 8, generator=generator)
+    orders = torch.tensor([[2, 0, 1], [1, 2, 0]])             # dummy position i holds private image orders[k, i]
+    noise = 0.01 * torch.randn(2, 3, 1, 8, 8, generator=generator)
+    dummy = torch.stack([truth[k, orders[k]] for k in range(2)]) + noise
+    logger = _CapturingWandb()                                 # image_trials=3 > the 2 clients: both get one
+    tracking.log_client_panels(logger, "idlg", truth, dummy, step=40, attack_step=4, trials=[6, 9])
+    ((metrics, step),) = logger.logged
+    assert step == 40 and sorted(metrics) == ["idlg/client_6", "idlg/client_9"]
+    for k, trial in enumerate((6, 9)):
+        image = metrics[f"idlg/client_{trial}"]
+        assert image._caption.startswith(f"idlg, client of trial {trial}, at step 4 of its batch (chart step 40)")
+        panel = _stored(image)
+        position = orders[k].argsort()                       # where private image j sits in the dummy batch
+        errors = [float(((dummy[k, position[j]] - truth[k, j]) ** 2).mean()) for j in range(3)]
+        canvas = client_panel_canvas("idlg", 4, trial, truth[k], dummy[k, position], errors)
+        # the layout: 2 rows of 3 tiles of 8 x scale pixels, one GAP apart in a row, rows aligned
+        assert len(canvas.origins) == 2 and [len(row) for row in canvas.origins] == [3, 3]
+        th, tw = canvas.tile
+        assert (th, tw) == (8 * canvas.scale, 8 * canvas.scale) and canvas.scale >= 4
+        xs = [[x for x, _ in row] for row in canvas.origins]
+        assert xs[0] == xs[1] and xs[0][1] - xs[0][0] == xs[0][2] - xs[0][1] >= tw + GAP
+        assert canvas.origins[1][0][1] >= canvas.origins[0][0][1] + th + GAP
+        assert tuple(panel.shape[1:]) == (canvas.image.size[1], canvas.image.size[0])
+        assert panel.shape[2] >= xs[0][2] + tw and panel.shape[1] >= canvas.origins[1][0][1] + th
+        for j in range(3):
+            assert torch.equal(_tile(panel, canvas, 0, j), _upscaled(truth[k, j], canvas.scale))
+            assert torch.equal(_tile(panel, canvas, 1, j), _upscaled(dummy[k, position[j]], canvas.scale))
+            assert errors[j] < 1e-3                              # the right one: noise only
+    # the same panel from the reconstructions in the order they came would differ: matching matters
+    assert not torch.equal(_tile(panel, canvas, 1, 0), _upscaled(dummy[1, 0], canvas.scale))
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_of_a_b3_client_logs_one_panel_per_client(tmp_path):
+    """DLG on clients of B = 3 digits: at the panel steps (2, and the last, 3) each of the 2 clients gets
+    `dlg/client_<trial>`, a picture of its 3 private images over its 3 matched reconstructions."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lightning_idlg", "logger=wandb", "logger.image_every=2", "logger.image_trials=2",
+           "method=dlg", "client.batch_size=3", f"hydra.run.dir={run_dir}", *FAST]
+    done = subprocess.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    run = load_offline_run(wandb_run)
+    records = {r["index"]: r for r in map(json.loads, (run_dir / "trials.jsonl").read_text().splitlines())}
+    digits = _digits(8)
+    panels = [h for h in run["history"] if "dlg/client_0._type" in h]
+    assert [h["trainer/global_step"] for h in panels] == [2, 3]
+    assert not any("dlg/reconstructions._type" in h for h in run["history"])  # B > 1: per client only
+    for h in panels:
+        for trial in (0, 1):
+            key = f"dlg/client_{trial}"
+            assert h[f"{key}._type"] == "image-file"
+            truth = digits[records[trial]["image_index"]]                      # the client's 3 images
+            with Image.open(wandb_run / "files" / h[f"{key}.path"]) as stored:
+                panel = torch.from_numpy(np.array(stored.convert("RGB"))).permute(2, 0, 1)
+            # the layout of a B = 3 panel at this step (tile labels are narrower than the 96-pixel tiles)
+            canvas = client_panel_canvas("dlg", h["trainer/global_step"], trial, truth, truth, [0.0] * 3)
+            assert (h[f"{key}.width"], h[f"{key}.height"]) == canvas.image.size
+            assert [len(row) for row in canvas.origins] == [3, 3]
+            for j in range(3):
+                assert torch.equal(_tile(panel, canvas, 0, j), _upscaled(truth[j], canvas.scale))
+
+
+@pytest.mark.slow
+def test_offline_wandb_label_restoration_logs_table_and_plot(tmp_path):
+    """lightning-idlg-labels logger=wandb: the W&B run holds the per-cell table (labels.csv's columns and
+    rows) and labels.png, the config, and the strategies and data set as tags."""
+    from lightning_idlg.label_restoration import COLUMNS
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lightning_idlg.label_restoration", "logger=wandb", "clients=6", "clients_per_group=3",
+           "batch_sizes=[1,2]", "labels=[distinct,repeated]", f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    run = load_offline_run(wandb_run)
+    (row,) = [h for h in run["history"] if h.get(f"{tracking.LABEL_TABLE}._type") == "table-file"]
+    table = json.loads((wandb_run / "files" / row[f"{tracking.LABEL_TABLE}.path"]).read_text())
+    csv_rows = [line.split(",") for line in (run_dir / "labels.csv").read_text().splitlines()[1:]]
+    assert table["columns"] == list(COLUMNS)
+    # 2 draws x (B = 1: 5 strategies, B = 2: 4, iDLG is B = 1 only) = 18 cells, as in labels.csv
+    assert len(table["data"]) == len(csv_rows) == 18
+    at = {c: i for i, c in enumerate(COLUMNS)}
+    for got, want in zip(table["data"], csv_rows):
+        assert [got[at[c]] for c in ("dataset", "model", "labels", "strategy")] == [want[at[c]] for c in
+                                                                                  ("dataset", "model", "labels", "strategy")]
+        assert got[at["batch_size"]] == int(want[at["batch_size"]]) and got[at["clients"]] == 6
+        for score in ("exact", "count_accuracy", "instance_accuracy"):
+            assert got[at[score]] == pytest.approx(float(want[at[score]]), abs=5e-5)
+    assert {tuple(r[at[c]] for c in ("labels", "batch_size", "strategy")) for r in table["data"]} >= \
+        {("distinct", 1, "iDLG"), ("repeated", 2, "LLGPlus")}
+    (plot,) = [h for h in run["history"] if h.get(f"{tracking.LABEL_PLOT}._type") == "image-file"]
+    with Image.open(run_dir / "labels.png") as png:
+        assert (plot[f"{tracking.LABEL_PLOT}.width"], plot[f"{tracking.LABEL_PLOT}.height"]) == png.size
+    assert run["config"]["clients"] == 6 and run["config"]["batch_sizes"] == [1, 2]
+    assert run["tags"] == ["iDLG", "Yin", "LLG", "LLGPlus", "bias-corrected", "digits"]
