@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import pickle
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,8 +328,8 @@ def _attack_streams(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
         if not todo:
             continue
 
-        def record(batch, private, result, cost, method=method):
-            store.append(evaluate(cfg, result, private, batch, batch, cost))
+        def record(batch, private, result, cost, method=method, group_size=min(slots, len(todo))):
+            store.append(evaluate(cfg, result, private, batch, batch, cost, group_size=group_size))
             counts[method] += 1
             converged[method] += result.status[0] == "converged"
             progress.update(tasks[method], completed=counts[method], info=f"{converged[method]} converged")
@@ -596,10 +595,12 @@ def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logge
 
 
 def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch: list[Trial],
-             todo: list[Trial], cost: dict[str, torch.Tensor] | None = None) -> list[dict]:
+             todo: list[Trial], cost: dict[str, torch.Tensor] | None = None,
+             group_size: int | None = None) -> list[dict]:
     """Per-trial records: the attack's output compared with the private data. For a client batch (B > 1)
     each reconstruction is first matched to a private image (Hungarian assignment on MSE), and the record
-    holds per-image values under `images` and the trial's means."""
+    holds per-image values under `images` and the trial's means. `group_size`: the trials optimized together
+    (default len(batch); continuous batching: its slots, whose trial's result comes alone)."""
     order = metrics.match(result.dummy, private.images)  # (K, B): reconstruction shown as private image j
     dummy = torch.stack([d[o] for d, o in zip(result.dummy, order)])
     predicted = torch.stack([p[o] for p, o in zip(result.predicted_label, order)])
@@ -628,7 +629,8 @@ def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch
             "evaluations": int(result.evaluations[row]),
             "restarts": int(result.restarts[row]),
             "seconds": result.seconds / len(batch),  # the group's wall time, shared among its trials
-            "group_size": len(batch),  # trials optimized together (trials_per_group), not the client batch
+            # trials optimized together (trials_per_group), not the client batch
+            "group_size": group_size or len(batch),
             "seed": cfg.seed,
             "dataset": cfg.dataset._target_.rsplit(".", 1)[-1],
             "client_batch_size": b,
