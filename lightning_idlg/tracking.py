@@ -114,20 +114,30 @@ def log_panel(logger: Logger | None, method: str, truth: torch.Tensor, dummy: to
     attack's own step in its batch (`attack_step`) and the trial indices (`trials`). The picture is 8-bit
     RGB in [0, 255] (pictures.panel_canvas: clamped to [0, 1], x 255, upscaled by nearest neighbour),
     handed to W&B as a PIL image, which it stores as a PNG unchanged. Rank zero only; W&B only."""
-    every, n = panel_settings(logger)
-    if not (every and n) or rank_zero_only.rank != 0:
+    shown = _panel_subjects(logger, dummy, step, attack_step, trials)
+    if shown is None:
         return
     import wandb
 
     from lightning_idlg.pictures import panel_canvas
 
-    n = min(n, len(dummy))
-    attack_step = step if attack_step is None else attack_step
-    trials = list(trials)[:n] if trials is not None else list(range(n))
+    n, attack_step, trials = shown
     canvas = panel_canvas(method, attack_step, truth[:n].cpu(), dummy[:n].detach().cpu(), trials)
     caption = (f"{method} at step {attack_step} of its batch (chart step {step}): ground truth (top) over "
                f"reconstruction (bottom), trials {', '.join(map(str, trials))}")
     logger.log_metrics({f"{method}/reconstructions": wandb.Image(canvas.image, caption=caption)}, step=step)
+
+
+def _panel_subjects(logger: Logger | None, dummy: torch.Tensor, step: int, attack_step: int | None,
+                    trials: list[int] | None) -> tuple[int, int, list[int]] | None:
+    """(how many trials a panel shows, the attack's step, their indices), or None where no panel is logged
+    (panels off, or not rank zero)."""
+    every, n = panel_settings(logger)
+    if not (every and n) or rank_zero_only.rank != 0:
+        return None
+    n = min(n, len(dummy))
+    trials = list(trials)[:n] if trials is not None else list(range(n))
+    return n, step if attack_step is None else attack_step, trials
 
 
 def client_panel_key(method: str, trial: int) -> str:
@@ -142,17 +152,15 @@ def log_client_panels(logger: Logger | None, method: str, truth: torch.Tensor, d
     metrics.match, the assignment of least total MSE: a reconstruction's position in the dummy batch means
     nothing), each reconstruction labelled with its MSE to that image. 8-bit RGB as in `log_panel`, all of a
     step's panels in one log call at `step`. Rank zero only; W&B only."""
-    every, n = panel_settings(logger)
-    if not (every and n) or rank_zero_only.rank != 0:
+    shown = _panel_subjects(logger, dummy, step, attack_step, trials)
+    if shown is None:
         return
     import wandb
 
     from lightning_idlg import metrics
     from lightning_idlg.pictures import client_panel_canvas
 
-    n = min(n, len(dummy))
-    attack_step = step if attack_step is None else attack_step
-    trials = list(trials)[:n] if trials is not None else list(range(n))
+    n, attack_step, trials = shown
     truth, dummy = truth[:n].cpu(), dummy[:n].detach().cpu()
     matched = matched_reconstructions(dummy, truth)
     panels = {}
