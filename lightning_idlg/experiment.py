@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -339,17 +340,11 @@ def _attack_streams(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
                         lambda index: wanted[index], results, slots)
         shared = stream.initial(instantiate(cfg.model.init).one_network)
         truth = torch.stack([stream.truth(t.index) for t in stream.first])
-        node = cfg.attack[method]
-        optimizer = {} if node.get("optimizer") is not None else {"optimizer": instantiate(cfg.optimizer)}
-        attack: GradientInversion = instantiate(node)(
-            shared=shared, name=method, dummy_seeds=[t.dummy_seed for t in stream.first],
-            snapshot_every=cfg.snapshot_every, snapshot_trials=sum(t.index < cfg.progress_trials for t in stream.first),
-            refill=stream.refill, on_finish=stream.finish, tokens=[t.index for t in stream.first],
-            queued=stream.queued, **optimizer)
-        trainer = instantiate(cfg.trainer, max_steps=attack.max_steps, logger=logger if logger is not None else False,
-                              callbacks=[SlotMonitor(stream, step_offset, truth),
-                                         StreamProgress(progress, steps_task, cfg.steps)], **trainer_args)
-        trainer.fit(attack)
+        attack, trainer = fit_attack(cfg, method, shared, stream.first, logger,
+                                     [SlotMonitor(stream, step_offset, truth),
+                                      StreamProgress(progress, steps_task, cfg.steps)], trainer_args,
+                                     refill=stream.refill, on_finish=stream.finish,
+                                     tokens=[t.index for t in stream.first], queued=stream.queued)
         step_offset += trainer.global_step
         statuses = stream.statuses
         log.info("%s%s: %d trials done through %d slots (%d converged, %d not converged, %d diverged) in %.1f s",
@@ -577,6 +572,14 @@ def make_defense(cfg: DictConfig) -> Defense:
 def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logger, step_offset: int,
                  callbacks, trainer_args: dict | None = None) -> tuple[AttackResult, int]:
     """Attack `method` (configs/attack/<method>.yaml, assembled from its parts) on one group of trials."""
+    attack, _ = fit_attack(cfg, method, shared, batch, logger, callbacks, trainer_args)
+    return attack.result(), int(attack.steps_used.max())
+
+
+def fit_attack(cfg: DictConfig, method: str, shared, batch: list[Trial], logger, callbacks,
+               trainer_args: dict | None = None, **slots) -> tuple[GradientInversion, pl.Trainer]:
+    """Build the attack `method` on the trials `batch` (the group, or continuous batching's first trials:
+    `slots` are GradientInversion's refill, on_finish, tokens and queued) and run its Trainer."""
     node = cfg.attack[method]
     # the run's optimizer (optimizer=...) unless the attack brings its own
     optimizer = {} if node.get("optimizer") is not None else {"optimizer": instantiate(cfg.optimizer)}
@@ -587,11 +590,12 @@ def attack_batch(cfg: DictConfig, method: str, shared, batch: list[Trial], logge
         snapshot_every=cfg.snapshot_every,
         snapshot_trials=sum(t.index < cfg.progress_trials for t in batch),
         **optimizer,
+        **slots,
     )
     trainer = instantiate(cfg.trainer, max_steps=attack.max_steps, logger=logger if logger is not None else False,
                           callbacks=callbacks, **(trainer_args or {}))
     trainer.fit(attack)
-    return attack.result(), int(attack.steps_used.max())
+    return attack, trainer
 
 
 def evaluate(cfg: DictConfig, result: AttackResult, private: PrivateBatch, batch: list[Trial],

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -185,8 +186,6 @@ def restore_cells(cfg: DictConfig, dataset, parts: dict):
     and `restored` (strategy name -> (K, B) labels, for the strategies that apply), `seconds` (restoration
     time per strategy). Victims are built once per group and reused by every cell (client i meets the same
     victim at every B and label draw). This experiment and benchmarks/labels_breaching.py both read it."""
-    import time
-
     images, labels = dataset_tensors(dataset)
     defense = compose_defense(cfg)
     picks = draw_cells(cfg, labels)
@@ -219,7 +218,8 @@ def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
     for cell in restore_cells(cfg, dataset, parts):
         for name, restored in cell["restored"].items():
             scores = score(restored, cell["private"], dataset.num_classes)
-            total = sums.setdefault((cell["labels"], cell["batch_size"], name), dict.fromkeys((*SCORE_NAMES, "clients"), 0.0))
+            key = (cell["labels"], cell["batch_size"], name)
+            total = sums.setdefault(key, dict.fromkeys((*SCORE_NAMES, "clients"), 0.0))
             for s in SCORE_NAMES:
                 total[s] += float(scores[s].sum())
             total["clients"] += len(cell["clients"])

@@ -65,9 +65,10 @@ LINES = {"paper": "-", "improved": "-.", "custom": ":"}   # ours by protocol; th
 # where the data lie, and where and how the run ran and was recorded; everything else changes what a trial
 # measures, so runs that differ in it are never pooled
 PLACEMENT = ("hydra", "seed", "trials", "trials_per_group", "continuous_batching", "threads", "progress_bar",
-             "pictures", "progress_trials", "snapshot_every", "logger", "optimized_metric", "dataset.root", "dataset.download", "trainer.accelerator",
-             "trainer.devices", "trainer.strategy", "trainer.num_nodes", "trainer.enable_checkpointing",
-             "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.num_sanity_val_steps",
+             "pictures", "progress_trials", "snapshot_every", "logger", "optimized_metric", "dataset.root",
+             "dataset.download", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+             "trainer.enable_checkpointing", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+             "trainer.num_sanity_val_steps",
              "metrics")   # evaluation only: adds numbers (metrics.lpips) to records, changes none
 DASH = "—"
 SUCCESS_MSE = 1e-3   # a trial "succeeds" below this MSE (the threshold the leakage tables use)
