@@ -87,7 +87,6 @@ def leakage_rows(runs) -> list[dict]:
             groups[Point(str(record.get("dataset")), name, strength, record["method"], config)].append(record)
     rows = []
     for point, records in sorted(groups.items(), key=lambda kv: _rank(kv[0])):
-        n = len(records)
         rows.append({
             "dataset": point.dataset, "defense": point.defense, "strength": point.strength, "method": point.method,
             "config": point.config, **_leak(records),

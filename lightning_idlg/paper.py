@@ -65,6 +65,7 @@ PROTOCOL = {
     "tolerance": 1e-6,
     "patience": None,
     "restarts": 0,
+    "keep": "last",
     "optimizer._target_": "lightning_idlg.optim.BatchedLBFGS",
     "optimizer.lr": 1.0,
     "optimizer.max_iter": 20,
@@ -90,7 +91,9 @@ PROTOCOL = {
 #: The same settings as a config.yaml from before attacks were assembled from parts names them.
 LEGACY = {"method.idlg.label_rule": "weight_sum", "model.init": "uniform", "model.init_scale": 0.5}
 #: What experiment=paper_*_improved adds to it.
-IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2}
+IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2, "restart_distance": 1e-2}
+#: What experiment=paper_*_reliable changes in that (docs/presets.md).
+RELIABLE = {"patience": 50, "restart_distance": 1e-4, "keep": "best"}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -114,15 +117,20 @@ def _improved(flat: dict) -> bool:
 
 
 def protocol_of(config: dict) -> tuple[str, dict[str, object]]:
-    """("paper" | "improved" | "custom", the keys that differ from that protocol's preset values).
+    """("paper" | "improved" | "reliable" | "custom", the keys that differ from that protocol's preset values).
 
     "improved": the run uses what the `_improved` presets add (a line search, restarts or patience);
-    "custom": it does not, but differs from the paper in steps, tolerance, optimizer, label rule or
+    "reliable": that with the best iterate kept and the patience of the `_reliable` presets;
+    "custom": none of these, but it differs from the paper in steps, tolerance, optimizer, label rule or
     model; "paper": neither. A key the config lacks counts as the preset's (a run without config.yaml
     is "paper", as before there were variants); iDLG's label rule counts only where iDLG ran."""
-    name = "improved" if _improved(flatten(config)) else "paper"
-    found = differences(config, {**PROTOCOL, **IMPROVED} if name == "improved" else PROTOCOL)
-    return ("custom" if name == "paper" and found else name), found
+    flat = flatten(config)
+    if not _improved(flat):
+        found = differences(config, PROTOCOL)
+        return ("custom" if found else "paper"), found
+    if flat.get("keep") == RELIABLE["keep"] and flat.get("patience") == RELIABLE["patience"]:
+        return "reliable", differences(config, {**PROTOCOL, **IMPROVED, **RELIABLE})
+    return "improved", differences(config, {**PROTOCOL, **IMPROVED})
 
 
 def differences(config: dict, reference: dict[str, object] = PROTOCOL) -> dict[str, object]:
@@ -137,4 +145,6 @@ def differences(config: dict, reference: dict[str, object] = PROTOCOL) -> dict[s
             continue
         if key in flat and flat[key] != value:
             found[key] = flat[key]
+    # a prior on the dummy (the run-wide `regularizers` shortcut of dlg and idlg; none in the paper)
+    found.update({k: v for k, v in flat.items() if k.startswith("regularizers.") and not k.endswith("._target_")})
     return found

@@ -6,11 +6,12 @@ Every `trials.jsonl` below each argument is read (one run, or a whole Hydra mult
 grouped by data set (the record's `dataset` field, the loader name), variant and method. The variant comes
 from the run's config.yaml (`paper.protocol_of`): "paper" when it is the paper protocol exactly (steps,
 tolerance, optimizer, label rule, victim as `experiment=paper_*` sets them), "improved" when it is that
-plus what the `_improved` presets add (a line search, restarts, patience), each followed by the keys that
+plus what the `_improved` presets add (a line search, restarts, patience), "reliable" when it is that with
+what the `_reliable` presets change (patience 50, the best iterate kept), each followed by the keys that
 differ from that preset ("improved: steps=100"); a run that differs from the paper otherwise is "custom:
 steps=10". Runs are pooled into one row only when their configs agree on everything but the seed and
 where and how they ran (`PLACEMENT`); where configs of the same variant differ, the differing keys are
-added to the row's name. The paper's numbers stand beside "paper" and "improved" rows only. The numbers
+added to the row's name. The paper's numbers stand beside "paper", "improved" and "reliable" rows only. The numbers
 come from `results.summarize` and `metrics.fidelity`, the definitions the runs' own `summary.json` use.
 Written into `--out`:
 
@@ -56,11 +57,11 @@ from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summariz
 METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
 METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
 DATASET_ORDER = ("mnist", "cifar100", "lfw", "digits", "faces", "image_folder")
-PROTOCOLS = ("paper", "improved", "custom")   # row order within a data set
+PROTOCOLS = ("paper", "improved", "reliable", "custom")   # row order within a data set
 FIDELITY_KEYS = paper.FIDELITY_KEYS      # "0.01" ... "0.0001", the keys of summarize()["fidelity"]
 COLORS = {"dlg": "tab:blue", "idlg": "tab:orange"}
 MARKERS = {"dlg": "o", "idlg": "^"}
-LINES = {"paper": "-", "improved": "-.", "custom": ":"}   # ours by protocol; the paper's own curves are dashed
+LINES = {"paper": "-", "improved": "-.", "reliable": (0, (5, 1, 1, 1, 1, 1)), "custom": ":"}   # ours by protocol; the paper's own curves are dashed
 # config keys (and key prefixes) that may differ between pooled runs: which sample of trials (seed, trials),
 # where the data lie, and where and how the run ran and was recorded; everything else changes what a trial
 # measures, so runs that differ in it are never pooled
@@ -107,7 +108,7 @@ class Run:
 
 
 def protocol(config: dict) -> str:
-    """"paper", "improved" or "custom" (paper.protocol_of): "paper" only for the paper protocol exactly; a
+    """"paper", "improved", "reliable" or "custom" (paper.protocol_of): "paper" only for the paper protocol exactly; a
     run without config.yaml ({}) counts as "paper", as before there were variants; `restart_distance`
     alone changes nothing (it only matters with restarts)."""
     return paper.protocol_of(config)[0]
@@ -129,8 +130,8 @@ def setting(config: dict) -> dict[str, str]:
 
 
 def comparable(variant: str) -> bool:
-    """Whether the paper's numbers belong beside a row: the paper protocol, or the improved preset."""
-    return variant in ("paper", "improved")
+    """Whether the paper's numbers belong beside a row: the paper protocol, or the improved or reliable preset."""
+    return variant in ("paper", "improved", "reliable")
 
 
 @dataclass
@@ -195,7 +196,7 @@ def _read_yaml(path: Path):
 
 def group_records(runs: list[Run]) -> dict[tuple[str, str], dict[str, Group]]:
     """{(dataset, variant): {method: Group}}, data sets in the paper's order first, then paper, improved,
-    custom variants, methods DLG then iDLG. Records pool only across runs whose settings (`setting`) agree."""
+    reliable, custom variants, methods DLG then iDLG. Records pool only across runs whose settings (`setting`) agree."""
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     settings: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
     for run in runs:                    # the variant is the run's (its config), not the record's
@@ -429,8 +430,8 @@ def victim_section(rows: list[dict]) -> list[str]:
 # -- figures ------------------------------------------------------------------------------------------
 def plot_fidelity(groups, path: Path) -> None:
     """One panel per data set: share of trials with MSE < t against t (log axis, 1e-2 down to 1e-4, as
-    in the paper's Figure 1), ours solid (improved: dash-dot, custom: dotted), the paper's dashed, drawn only
-    where a row of the panel is the paper protocol or the improved preset."""
+    in the paper's Figure 1), ours solid (improved: dash-dot, reliable: dash-dot-dot, custom: dotted), the
+    paper's dashed, drawn only where a row of the panel is the paper protocol or the improved or reliable preset."""
     datasets = _datasets(groups)
     n = len(datasets)
     ncols = min(n, 3)
@@ -449,8 +450,8 @@ def plot_fidelity(groups, path: Path) -> None:
                 name = METHOD_NAMES.get(method, method)
                 source = "ours" if variant == "paper" else f"ours, {variant}"
                 ours = [100 * g.summary["fidelity"][k] for k in FIDELITY_KEYS]
-                ax.plot(FIDELITY_THRESHOLDS, ours, LINES.get(_base(variant), ":") + MARKERS.get(method, "o"),
-                        color=COLORS.get(method),
+                ax.plot(FIDELITY_THRESHOLDS, ours, linestyle=LINES.get(_base(variant), ":"),
+                        marker=MARKERS.get(method, "o"), color=COLORS.get(method),
                         markersize=7 if method == "dlg" else 5,   # DLG's larger marker stays visible under iDLG's
                         label=f"{name} ({source}, n={g.summary['trials']})")
         for method in sorted(set(methods), key=_method_rank):   # once per method, beside comparable rows only
@@ -592,10 +593,11 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
              f"{sum(len(r.records) for r in runs)} trial records from {len(runs)} run(s), grouped by data set "
              "(the loader that produced the images), variant and method. Variant: *paper* (the paper protocol "
              "exactly, `experiment=paper_*`), *improved* (that plus a line search, restarts and patience, "
-             "`experiment=paper_*_improved`), or *custom* (differs from the paper otherwise), followed by the "
+             "`experiment=paper_*_improved`), *reliable* (that with patience 50 and the best iterate kept, "
+             "`experiment=paper_*_reliable`), or *custom* (differs from the paper otherwise), followed by the "
              "config keys that differ from the preset (e.g. \"custom: steps=10\"). Runs share a row only when "
              "their configs agree on everything but the seed, the number of trials and where and how they ran; "
-             "the paper's numbers stand beside *paper* and *improved* rows only. "
+             "the paper's numbers stand beside *paper*, *improved* and *reliable* rows only. "
              f"Paper: {paper.SOURCE}.", ""]
 
     lines += ["## Runs", ""]
@@ -730,10 +732,12 @@ def notes(runs: list[Run], groups) -> list[str]:
             "in Runs. When that folder holds a subset (e.g. a shared local copy of part of the test split, "
             "which need not be a uniform sample), these are not the paper's samples: compare rates, not "
             "individual trials, and name the rows after the subset actually used.")
-    if any(_base(variant) == "improved" for _, variant in groups):
-        found.append("Improved rows come from runs with a line search, restarts or patience (the "
-                     "`experiment=paper_*_improved` presets): not the paper's protocol. The paper's numbers beside "
-                     "them are for comparison; a same-seed paper-protocol run is the like-for-like baseline.")
+    beyond = [p for p in ("improved", "reliable") if any(_base(variant) == p for _, variant in groups)]
+    if beyond:
+        found.append(f"{' and '.join(beyond).capitalize()} rows come from runs with a line search, restarts or "
+                     f"patience (the {' and '.join(f'`experiment=paper_*_{p}`' for p in beyond)} presets): not the "
+                     "paper's protocol. The paper's numbers beside them are for comparison; a same-seed paper-protocol "
+                     "run is the like-for-like baseline.")
     for run in runs:
         if run.duplicates:
             found.append(f"`{run.path}`: {run.duplicates} line(s) of its trials.jsonl repeat a (method, trial "
@@ -741,7 +745,7 @@ def notes(runs: list[Run], groups) -> list[str]:
                          "trial is counted once, from its first line.")
     odd = [_row_label(d, v) for d, v in groups if not comparable(v)]
     if odd:
-        found.append(f"Not the paper protocol, and not the improved preset either: {'; '.join(odd)}. Each differs "
+        found.append(f"Not the paper protocol, and not the improved or reliable preset either: {'; '.join(odd)}. Each differs "
                      "from its preset in the config keys its name lists, so the paper's numbers are not shown "
                      "beside it.")
     bare = [run for run in runs if not run.config]

@@ -16,6 +16,7 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.labels import LABEL_RULES
 from lightning_idlg.metrics import check_lpips
 from lightning_idlg.rundir import RESUME_MODES
+from lightning_idlg.stopping import KEEP
 from lightning_idlg.victim import ACTIVATIONS
 
 # SSIM's 11-pixel Gaussian window (torchmetrics' default, metrics.ssim) reflect-pads 5 pixels, which needs
@@ -68,6 +69,7 @@ def validate_settings(cfg: DictConfig) -> None:
     positive(cfg, "patience", integer=True, optional=True)
     positive(cfg, "restarts", integer=True, zero=True)
     positive(cfg, "restart_distance")
+    one_of("keep", cfg.get("keep", "last"), KEEP)
     positive(cfg, "threads", integer=True, optional=True)
     positive(cfg, "progress_trials", integer=True, zero=True)
     positive(cfg, "snapshot_every", integer=True)

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from lightning_idlg import metrics
 from lightning_idlg.client import Client, PrivateBatch, stack_victims
-from lightning_idlg.defenses import DPSGD, GaussianNoise, compose as chain
+from lightning_idlg.defenses import DPSGD, compose as chain
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.experiment import plan_trials, prepare_batch, run
 from lightning_idlg.objective import BatchedDistance

@@ -220,6 +220,12 @@ def test_protocol_of_a_config():
     assert protocol(IMPROVED_CONFIG) == "improved"
     for change in ({"optimizer": {"line_search_fn": "strong_wolfe"}}, {"restarts": 1}, {"patience": 5}):
         assert protocol({**PAPER_CONFIG, **change}) == "improved"
+    reliable = {**IMPROVED_CONFIG, "patience": 50, "restart_distance": 1e-4, "keep": "best"}
+    assert paper.protocol_of(reliable) == ("reliable", {})
+    assert paper.protocol_of({**reliable, "restarts": 3}) == ("reliable", {"restarts": 3})
+    assert paper.protocol_of({**IMPROVED_CONFIG, "keep": "best"}) == ("improved", {"keep": "best"})
+    assert paper.protocol_of({**PAPER_CONFIG, "keep": "best"}) == ("custom", {"keep": "best"})
+    assert paper.protocol_of({**IMPROVED_CONFIG, "restart_distance": 1e-5}) == ("improved", {"restart_distance": 1e-5})
 
 
 def read_rows(path: Path) -> dict[tuple[str, str, str], dict]:
@@ -367,7 +373,7 @@ def test_short_runs_are_not_the_paper_protocol_and_settings_never_pool(tmp_path)
     assert "| mnist, custom: steps=10; dataset.train=False | DLG | ours | 2 |" in text
     assert text.count("| mnist | DLG | paper (MNIST) | 1000 |") == 1
     notes = text.split("## Notes")[1]
-    assert "Not the paper protocol, and not the improved preset either: mnist, custom: steps=10" in notes
+    assert "Not the paper protocol, and not the improved or reliable preset either: mnist, custom: steps=10" in notes
     assert "| `" + str(tmp_path / "short") + "` | mnist | custom: steps=10 |" in text   # the runs table
 
 

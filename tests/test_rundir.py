@@ -151,6 +151,17 @@ def test_what_may_change_between_reruns(tmp_path):
             "dataset._target_", "dataset.size"} <= set(flat) and not any(k.startswith("attack.dlg") for k in flat)
 
 
+
+def test_keep_last_leaves_the_settings_of_run_dirs_from_before_the_keep_shortcut():
+    """`keep` (and the attacks' stopping.keep it feeds) came after run dirs with records existed: at `last`, the
+    iterate they all kept, it is left out of the settings, so those dirs still resume; `best` is a setting."""
+    before = settings(cfg_of("method=both"), "dlg", 1797)
+    assert not any(k == "keep" or k.endswith("stopping.keep") for k in before)
+    best = settings(cfg_of("method=both", "keep=best"), "dlg", 1797)
+    assert (best["keep"], best["attack.dlg.stopping.keep"]) == ("best", "best")
+    assert {k: v for k, v in best.items() if "keep" not in k} == before
+    assert not any(k.startswith("regularizers") for k in before)  # the run-wide priors' shortcut: none, as before
+
 # -- strict JSON --------------------------------------------------------------------------------------------
 def test_every_output_file_is_strict_json(tmp_path):
     out = tmp_path / "run"
