@@ -94,6 +94,8 @@ LEGACY = {"method.idlg.label_rule": "weight_sum", "model.init": "uniform", "mode
 IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2, "restart_distance": 1e-2}
 #: What experiment=paper_*_reliable changes in that (docs/presets.md).
 RELIABLE = {"patience": 50, "restart_distance": 1e-4, "keep": "best"}
+#: ... and what paper_mnist_reliable sets beside it (a faint total-variation prior, no tolerance).
+RELIABLE_MNIST = {"tolerance": None, "regularizers.tv.weight": 3e-8}
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
@@ -129,7 +131,8 @@ def protocol_of(config: dict) -> tuple[str, dict[str, object]]:
         found = differences(config, PROTOCOL)
         return ("custom" if found else "paper"), found
     if flat.get("keep") == RELIABLE["keep"] and flat.get("patience") == RELIABLE["patience"]:
-        return "reliable", differences(config, {**PROTOCOL, **IMPROVED, **RELIABLE})
+        mnist = flat.get("dataset._target_") == "lightning_idlg.data.mnist"
+        return "reliable", differences(config, {**PROTOCOL, **IMPROVED, **RELIABLE, **(RELIABLE_MNIST if mnist else {})})
     return "improved", differences(config, {**PROTOCOL, **IMPROVED})
 
 
@@ -145,6 +148,9 @@ def differences(config: dict, reference: dict[str, object] = PROTOCOL) -> dict[s
             continue
         if key in flat and flat[key] != value:
             found[key] = flat[key]
-    # a prior on the dummy (the run-wide `regularizers` shortcut of dlg and idlg; none in the paper)
-    found.update({k: v for k, v in flat.items() if k.startswith("regularizers.") and not k.endswith("._target_")})
+    # a prior on the dummy (the run-wide `regularizers` shortcut of dlg and idlg; none in the paper) other than
+    # the reference's
+    found.update({k: v for k, v in flat.items()
+                  if k.startswith("regularizers.") and not k.endswith("._target_") and reference.get(k) != v})
+    found.update({k: None for k in reference if k.startswith("regularizers.") and k not in flat})
     return found

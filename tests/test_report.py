@@ -226,6 +226,15 @@ def test_protocol_of_a_config():
     assert paper.protocol_of({**IMPROVED_CONFIG, "keep": "best"}) == ("improved", {"keep": "best"})
     assert paper.protocol_of({**PAPER_CONFIG, "keep": "best"}) == ("custom", {"keep": "best"})
     assert paper.protocol_of({**IMPROVED_CONFIG, "restart_distance": 1e-5}) == ("improved", {"restart_distance": 1e-5})
+    # paper_mnist_reliable also has a total-variation prior and no tolerance: still "reliable" on MNIST only
+    mnist = {**reliable, "dataset": {"_target_": "lightning_idlg.data.mnist"}, "tolerance": None,
+             "regularizers": {"tv": {"_target_": "lightning_idlg.regularizers.TotalVariation", "weight": 3e-8}}}
+    assert paper.protocol_of(mnist) == ("reliable", {})
+    assert paper.protocol_of({**mnist, "regularizers": {}}) == ("reliable", {"regularizers.tv.weight": None})
+    assert paper.protocol_of({**mnist, "dataset": {"_target_": "lightning_idlg.data.cifar100"}}) == (
+        "reliable", {"tolerance": None, "regularizers.tv.weight": 3e-8})
+    assert paper.protocol_of({**PAPER_CONFIG, "regularizers": mnist["regularizers"]}) == (
+        "custom", {"regularizers.tv.weight": 3e-8})
 
 
 def read_rows(path: Path) -> dict[tuple[str, str, str], dict]:
