@@ -306,7 +306,8 @@ def main() -> None:
                         help="take the reference's results from an earlier benchmark dir (same trials, seed, data, "
                              "cores); its figures were measured in that run, not beside this engine run")
     parser.add_argument("--preset", default="paper_cifar100",
-                        help="the engine's experiment: paper_cifar100 (the protocol), paper_cifar100_improved or _reliable")
+                        help="the engine's experiment: paper_cifar100 (the protocol), paper_cifar100_improved "
+                             "or paper_cifar100_reliable")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a further Hydra override for the engine (repeatable), e.g. continuous_batching=true")
     parser.add_argument("--part", choices=["reference"], help=argparse.SUPPRESS)

@@ -132,7 +132,8 @@ def protocol_of(config: dict) -> tuple[str, dict[str, object]]:
         return ("custom" if found else "paper"), found
     if flat.get("keep") == RELIABLE["keep"] and flat.get("patience") == RELIABLE["patience"]:
         mnist = flat.get("dataset._target_") == "lightning_idlg.data.mnist"
-        return "reliable", differences(config, {**PROTOCOL, **IMPROVED, **RELIABLE, **(RELIABLE_MNIST if mnist else {})})
+        reference = {**PROTOCOL, **IMPROVED, **RELIABLE, **(RELIABLE_MNIST if mnist else {})}
+        return "reliable", differences(config, reference)
     return "improved", differences(config, {**PROTOCOL, **IMPROVED})
 
 

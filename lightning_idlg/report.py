@@ -11,8 +11,8 @@ what the `_reliable` presets change (patience 50, the best iterate kept), each f
 differ from that preset ("improved: steps=100"); a run that differs from the paper otherwise is "custom:
 steps=10". Runs are pooled into one row only when their configs agree on everything but the seed and
 where and how they ran (`PLACEMENT`); where configs of the same variant differ, the differing keys are
-added to the row's name. The paper's numbers stand beside "paper", "improved" and "reliable" rows only. The numbers
-come from `results.summarize` and `metrics.fidelity`, the definitions the runs' own `summary.json` use.
+added to the row's name. The paper's numbers stand beside "paper", "improved" and "reliable" rows only. The
+numbers come from `results.summarize` and `metrics.fidelity`, the definitions the runs' own `summary.json` use.
 Written into `--out`:
 
 - `report.md`: runs and their commands, then the tables and figures below, with the paper's numbers beside
@@ -61,7 +61,8 @@ PROTOCOLS = ("paper", "improved", "reliable", "custom")   # row order within a d
 FIDELITY_KEYS = paper.FIDELITY_KEYS      # "0.01" ... "0.0001", the keys of summarize()["fidelity"]
 COLORS = {"dlg": "tab:blue", "idlg": "tab:orange"}
 MARKERS = {"dlg": "o", "idlg": "^"}
-LINES = {"paper": "-", "improved": "-.", "reliable": (0, (5, 1, 1, 1, 1, 1)), "custom": ":"}   # ours by protocol; the paper's own curves are dashed
+# ours by protocol (reliable: dash-dot-dot); the paper's own curves are dashed
+LINES = {"paper": "-", "improved": "-.", "reliable": (0, (5, 1, 1, 1, 1, 1)), "custom": ":"}
 # config keys (and key prefixes) that may differ between pooled runs: which sample of trials (seed, trials),
 # where the data lie, and where and how the run ran and was recorded; everything else changes what a trial
 # measures, so runs that differ in it are never pooled
@@ -108,9 +109,9 @@ class Run:
 
 
 def protocol(config: dict) -> str:
-    """"paper", "improved", "reliable" or "custom" (paper.protocol_of): "paper" only for the paper protocol exactly; a
-    run without config.yaml ({}) counts as "paper", as before there were variants; `restart_distance`
-    alone changes nothing (it only matters with restarts)."""
+    """"paper", "improved", "reliable" or "custom" (paper.protocol_of): "paper" only for the paper protocol
+    exactly; a run without config.yaml ({}) counts as "paper", as before there were variants;
+    `restart_distance` alone changes nothing (it only matters with restarts)."""
     return paper.protocol_of(config)[0]
 
 
@@ -130,7 +131,7 @@ def setting(config: dict) -> dict[str, str]:
 
 
 def comparable(variant: str) -> bool:
-    """Whether the paper's numbers belong beside a row: the paper protocol, or the improved or reliable preset."""
+    """Whether the paper's numbers belong beside a row: the paper protocol, the improved or reliable preset."""
     return variant in ("paper", "improved", "reliable")
 
 
@@ -196,7 +197,8 @@ def _read_yaml(path: Path):
 
 def group_records(runs: list[Run]) -> dict[tuple[str, str], dict[str, Group]]:
     """{(dataset, variant): {method: Group}}, data sets in the paper's order first, then paper, improved,
-    reliable, custom variants, methods DLG then iDLG. Records pool only across runs whose settings (`setting`) agree."""
+    reliable, custom variants, methods DLG then iDLG. Records pool only across runs whose settings (`setting`)
+    agree."""
     by_key: dict[tuple, list[dict]] = defaultdict(list)
     settings: dict[tuple, dict[tuple, dict]] = defaultdict(dict)
     for run in runs:                    # the variant is the run's (its config), not the record's
@@ -431,7 +433,8 @@ def victim_section(rows: list[dict]) -> list[str]:
 def plot_fidelity(groups, path: Path) -> None:
     """One panel per data set: share of trials with MSE < t against t (log axis, 1e-2 down to 1e-4, as
     in the paper's Figure 1), ours solid (improved: dash-dot, reliable: dash-dot-dot, custom: dotted), the
-    paper's dashed, drawn only where a row of the panel is the paper protocol or the improved or reliable preset."""
+    paper's dashed, drawn only where a row of the panel is the paper protocol or the improved or reliable
+    preset."""
     datasets = _datasets(groups)
     n = len(datasets)
     ncols = min(n, 3)
@@ -736,8 +739,8 @@ def notes(runs: list[Run], groups) -> list[str]:
     if beyond:
         found.append(f"{' and '.join(beyond).capitalize()} rows come from runs with a line search, restarts or "
                      f"patience (the {' and '.join(f'`experiment=paper_*_{p}`' for p in beyond)} presets): not the "
-                     "paper's protocol. The paper's numbers beside them are for comparison; a same-seed paper-protocol "
-                     "run is the like-for-like baseline.")
+                     "paper's protocol. The paper's numbers beside them are for comparison; a same-seed "
+                     "paper-protocol run is the like-for-like baseline.")
     for run in runs:
         if run.duplicates:
             found.append(f"`{run.path}`: {run.duplicates} line(s) of its trials.jsonl repeat a (method, trial "
@@ -745,8 +748,8 @@ def notes(runs: list[Run], groups) -> list[str]:
                          "trial is counted once, from its first line.")
     odd = [_row_label(d, v) for d, v in groups if not comparable(v)]
     if odd:
-        found.append(f"Not the paper protocol, and not the improved or reliable preset either: {'; '.join(odd)}. Each differs "
-                     "from its preset in the config keys its name lists, so the paper's numbers are not shown "
+        found.append(f"Not the paper protocol, and not the improved or reliable preset either: {'; '.join(odd)}. "
+                     "Each differs from its preset in the config keys its name lists, so the paper's numbers are not shown "
                      "beside it.")
     bare = [run for run in runs if not run.config]
     if bare:

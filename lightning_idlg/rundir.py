@@ -53,8 +53,8 @@ RESUME_MODES = ("auto", "force")
 # keys added after run dirs with records existed, with the value that changes no record: at that value they
 # are left out of the settings, so those run dirs still resume (metrics.lpips=alex adds `lpips` to records:
 # it counts, and a rerun with it into a dir of records without it is refused)
-OFF_VALUES = {"metrics.lpips": (False, None), "keep": ("last",), "regularizers": ({},), "attack.dlg.stopping.keep": ("last",),
-              "attack.idlg.stopping.keep": ("last",)}
+OFF_VALUES = {"metrics.lpips": (False, None), "regularizers": ({},), "keep": ("last",),
+              "attack.dlg.stopping.keep": ("last",), "attack.idlg.stopping.keep": ("last",)}
 
 
 # -- lock ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import lightning_idlg.inversion as attack_module
+from lightning_idlg import paper as paper_protocol
 from lightning_idlg.inversion import GradientInversion
 from lightning_idlg.labels import LearnedLabel
 from lightning_idlg.optim import BatchedLBFGS
@@ -112,8 +113,6 @@ def test_improved_presets_are_the_paper_protocol_plus_line_search_restarts_patie
         assert OmegaConf.to_container(improved.attack) == OmegaConf.to_container(paper.attack)
 
 
-
-
 def test_reliable_presets_are_the_improved_ones_with_more_patience_late_restarts_and_the_best_iterate():
     for name in ("paper_mnist", "paper_cifar100", "paper_lfw"):
         improved, reliable = cfg_of(f"experiment={name}_improved"), cfg_of(f"experiment={name}_reliable")
@@ -126,12 +125,17 @@ def test_reliable_presets_are_the_improved_ones_with_more_patience_late_restarts
         mnist = name == "paper_mnist"
         assert (reliable.tolerance, dict(reliable.regularizers)) == ((None, prior) if mnist else (1e-6, {}))
         assert all(OmegaConf.to_container(a.regularizers) == (prior if mnist else {}) for a in reliable.attack.values())
+        # the report tells these runs apart by paper.RELIABLE (and RELIABLE_MNIST): the same values as the files
+        resolved = OmegaConf.to_container(reliable, resolve=True)
+        assert paper_protocol.protocol_of(resolved) == ("reliable", {})
+
 
 def test_keep_selects_the_iterate_every_attack_of_the_run_returns():
     assert {n: a.stopping.keep for n, a in cfg_of("method=both").attack.items()} == {"dlg": "last", "idlg": "last"}
     assert {n: a.stopping.keep for n, a in cfg_of("method=both", "keep=best").attack.items()} == {
         "dlg": "best", "idlg": "best"}
     assert cfg_of("method=ig").attack.ig.stopping.keep == "best"  # Inverting Gradients keeps its best always
+
 
 def test_restarts_redraw_a_diverged_trial_and_are_recorded(tmp_path):
     """divergence_bound 0.5: every N(0, 1) dummy 'diverges' at once, so each trial uses all its restarts,

@@ -151,7 +151,6 @@ def test_what_may_change_between_reruns(tmp_path):
             "dataset._target_", "dataset.size"} <= set(flat) and not any(k.startswith("attack.dlg") for k in flat)
 
 
-
 def test_keep_last_leaves_the_settings_of_run_dirs_from_before_the_keep_shortcut():
     """`keep` (and the attacks' stopping.keep it feeds) came after run dirs with records existed: at `last`, the
     iterate they all kept, it is left out of the settings, so those dirs still resume; `best` is a setting."""
@@ -161,6 +160,7 @@ def test_keep_last_leaves_the_settings_of_run_dirs_from_before_the_keep_shortcut
     assert (best["keep"], best["attack.dlg.stopping.keep"]) == ("best", "best")
     assert {k: v for k, v in best.items() if "keep" not in k} == before
     assert not any(k.startswith("regularizers") for k in before)  # the run-wide priors' shortcut: none, as before
+
 
 # -- strict JSON --------------------------------------------------------------------------------------------
 def test_every_output_file_is_strict_json(tmp_path):
