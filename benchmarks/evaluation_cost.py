@@ -2,6 +2,7 @@
 
     python benchmarks/evaluation_cost.py                          # this tree, both data sets, K = 1 8 32
     python benchmarks/evaluation_cost.py --compare main           # interleaved with the package at git ref `main`
+    python benchmarks/evaluation_cost.py --variant h10:optimizer.history_size=10   # and with other settings
     python benchmarks/evaluation_cost.py --profile prof.txt --trials 32 --data cifar100
 
 The attack is built as the app builds it (the app's Hydra config `experiment=paper_<data> method=idlg`,
@@ -19,6 +20,8 @@ repetition does the same work. On a shared machine: `--repeats` repetitions, var
 (A, B, A, B, ...) within each repetition so that load changes hit all alike, medians reported, and the
 load average printed before and after. `--compare REF` adds the variant "REF": the package as committed at
 git ref REF (a copy under another name), with its own experiment/objective/optimizer code, same config.
+`--variant NAME:KEY=VALUE[,KEY=VALUE...]` adds the variant NAME: this tree with further Hydra overrides of the
+preset (e.g. a shorter L-BFGS history); `--preset improved` (or `reliable`) times experiment=paper_<data>_improved.
 """
 
 from __future__ import annotations
@@ -172,10 +175,19 @@ def build_dataset(cfg, name: str):
         return RandomImages(shape, classes), "random"
 
 
-def config(name: str, root: Path):
+def config(name: str, root: Path, preset: str = "paper", overrides: tuple[str, ...] = ()):
     from lightning_idlg.api import _config
 
-    return _config("idlg", [f"experiment={PRESETS[name]}", "method=idlg", *data_overrides(name, root)])
+    experiment = PRESETS[name] + ("" if preset in (None, "paper") else f"_{preset}")
+    return _config("idlg", [f"experiment={experiment}", "method=idlg", *data_overrides(name, root), *overrides])
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """"h10:optimizer.history_size=10,patience=5" -> ("h10", ("optimizer.history_size=10", "patience=5"))."""
+    name, _, overrides = text.partition(":")
+    if not name or not overrides or any("=" not in o for o in overrides.split(",")):
+        raise SystemExit(f"error: --variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return name, tuple(overrides.split(","))
 
 
 def load() -> str:
@@ -183,15 +195,16 @@ def load() -> str:
 
 
 def measure(args) -> None:
-    variants = {"this": "lightning_idlg", **{ref: package_at(ref) for ref in args.compare}}
+    variants = {"this": ("lightning_idlg", ()), **{ref: (package_at(ref), ()) for ref in args.compare},
+                **{name: ("lightning_idlg", overrides) for name, overrides in map(parse_variant, args.variant)}}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load()}, "
           f"{'wall' if clock is time.perf_counter else 'CPU'} ms per trial-evaluation, medians of {args.repeats}")
     print(f"{'data':9} {'K':>3} {'variant':>10} {'closure ms':>10} {'step ms':>8} {'evals/step':>10}")
     for name in args.data:
-        cfg = config(name, args.data_root)
-        dataset, kind = build_dataset(cfg, name)
+        configs = {v: config(name, args.data_root, args.preset, o) for v, (_, o) in variants.items()}
+        dataset, kind = build_dataset(configs["this"], name)
         for k in args.trials:
-            built = {v: Variant(p, cfg, dataset, k, args.warmup) for v, p in variants.items()}
+            built = {v: Variant(p, configs[v], dataset, k, args.warmup) for v, (p, _) in variants.items()}
             closure = {v: [] for v in built}
             step = {v: [] for v in built}
             evaluations = {}
@@ -217,7 +230,7 @@ def profile(args) -> None:
 
     lines = [f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load()}"]
     for name in args.data:
-        cfg = config(name, args.data_root)
+        cfg = config(name, args.data_root, args.preset)
         dataset, kind = build_dataset(cfg, name)
         for k in args.trials:
             variant = Variant("lightning_idlg", cfg, dataset, k, args.warmup)
@@ -240,6 +253,10 @@ def main() -> None:
                         default=Path(os.environ.get("LIGHTNING_IDLG_DATA", ROOT.parent / "shared" / "data")))
     parser.add_argument("--trials", type=int, nargs="+", default=[1, 8, 32], help="K values")
     parser.add_argument("--compare", nargs="*", default=[], help="git refs to interleave with this tree")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,...]",
+                        help="this tree with further overrides, interleaved too (repeatable)")
+    parser.add_argument("--preset", choices=["paper", "improved", "reliable"], default="paper",
+                        help="experiment=paper_<data>[_improved | _reliable]")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=6, help="L-BFGS steps before timing (fills the history)")
     parser.add_argument("--closure-ms", type=float, default=150.0, help="rough time per closure repetition")

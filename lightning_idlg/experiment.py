@@ -247,12 +247,13 @@ def attack_and_record(cfg: DictConfig, run_dir: Path, dataset, batches: list[lis
     summary = write_summary(run_dir, store.records())
     tracking.log_run_results(logger, store.records(), summary, run_dir, step_offset)  # config, summary, table
     print_summary(summary, Console())  # the result goes to stdout; progress went to stderr
-    differences = paper.differences(OmegaConf.to_container(cfg, resolve=True))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    differences = paper.differences(config)
     if differences and set(cfg.attack) & {"dlg", "idlg"}:  # a quick look or a variant of the paper's attacks:
         # say how to run the paper's own protocol (another attack, e.g. ig, has no paper preset here)
         log.info("Not the paper protocol: %s differ%s.", ", ".join(_short(k) for k in differences),
                  "s" if len(differences) == 1 else "")
-        log.info("Paper: lightning-idlg experiment=paper_mnist dataset.root=/path/to/mnist")
+        log.info("Paper: %s", paper.paper_command(config))
     log.info("outputs: %s", run_dir)  # trials.jsonl, summary.json, pictures/, the log (outputs/README.md)
     return summary
 

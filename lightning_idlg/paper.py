@@ -98,6 +98,14 @@ RELIABLE = {"patience": 50, "restart_distance": 1e-4, "keep": "best"}
 RELIABLE_MNIST = {"tolerance": None, "regularizers.tv.weight": 3e-8}
 
 
+def paper_command(config: dict) -> str:
+    """The command that runs the paper protocol on the run's data set where the paper has it (MNIST,
+    CIFAR-100, LFW), else on MNIST: what a quick look or a variant points to."""
+    loader = str(flatten(config).get("dataset._target_", "")).rpartition(".")[2]
+    name = loader if loader in DATASETS else "mnist"
+    return f"lightning-idlg experiment=paper_{name} dataset.root=/path/to/{name}"
+
+
 def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     """{"optimizer": {"lr": 1.0}} -> {"optimizer.lr": 1.0}; lists stay values. The client's defenses also
     as one value, `defense`: "none" or their names in order ("clip+gaussian")."""
