@@ -94,8 +94,11 @@ LEGACY = {"method.idlg.label_rule": "weight_sum", "model.init": "uniform", "mode
 IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2, "restart_distance": 1e-2}
 #: What experiment=paper_*_reliable changes in that (docs/presets.md).
 RELIABLE = {"patience": 50, "restart_distance": 1e-4, "keep": "best"}
-#: ... and what paper_mnist_reliable sets beside it (a faint total-variation prior, no tolerance).
+#: ... and what the MNIST and LFW presets set beside it (a faint total-variation prior; on MNIST no tolerance,
+#: on LFW 600 steps), by the data set's loader
 RELIABLE_MNIST = {"tolerance": None, "regularizers.tv.weight": 3e-8}
+RELIABLE_LFW = {"steps": 600, "regularizers.tv.weight": 1e-8}
+RELIABLE_DATA = {"lightning_idlg.data.mnist": RELIABLE_MNIST, "lightning_idlg.data.lfw": RELIABLE_LFW}
 
 
 def paper_command(config: dict) -> str:
@@ -139,8 +142,7 @@ def protocol_of(config: dict) -> tuple[str, dict[str, object]]:
         found = differences(config, PROTOCOL)
         return ("custom" if found else "paper"), found
     if flat.get("keep") == RELIABLE["keep"] and flat.get("patience") == RELIABLE["patience"]:
-        mnist = flat.get("dataset._target_") == "lightning_idlg.data.mnist"
-        reference = {**PROTOCOL, **IMPROVED, **RELIABLE, **(RELIABLE_MNIST if mnist else {})}
+        reference = {**PROTOCOL, **IMPROVED, **RELIABLE, **RELIABLE_DATA.get(flat.get("dataset._target_"), {})}
         return "reliable", differences(config, reference)
     return "improved", differences(config, {**PROTOCOL, **IMPROVED})
 

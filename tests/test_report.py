@@ -235,6 +235,12 @@ def test_protocol_of_a_config():
         "reliable", {"tolerance": None, "regularizers.tv.weight": 3e-8})
     assert paper.protocol_of({**PAPER_CONFIG, "regularizers": mnist["regularizers"]}) == (
         "custom", {"regularizers.tv.weight": 3e-8})
+    # paper_lfw_reliable: 600 steps and a fainter prior; the old LFW preset (300 steps, no prior) differs in both
+    lfw = {**reliable, "dataset": {"_target_": "lightning_idlg.data.lfw"}, "steps": 600,
+           "regularizers": {"tv": {"_target_": "lightning_idlg.regularizers.TotalVariation", "weight": 1e-8}}}
+    assert paper.protocol_of(lfw) == ("reliable", {})
+    assert paper.protocol_of({**lfw, "steps": 300, "regularizers": {}}) == (
+        "reliable", {"steps": 300, "regularizers.tv.weight": None})
 
 
 
