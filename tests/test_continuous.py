@@ -50,7 +50,9 @@ def test_records_equal_the_solo_runs(tmp_path, one_thread, setting):
         mine = slots[key]
         assert {f: mine[f] for f in SAME} == {f: alone[f] for f in SAME}, key
         for f in CLOSE:
-            assert mine[f] == pytest.approx(alone[f], rel=1e-7, abs=1e-12), (key, f)
+            # PSNR of images clamped to [0, 1]: above 80 dB the clamp keeps a few pixels' tiny errors only, so it
+            # moves 1e-7 where the unclamped MSE moves 1e-8 (93.877611 against 93.877621 dB)
+            assert mine[f] == pytest.approx(alone[f], rel=1e-6 if f == "psnr" else 1e-7, abs=1e-12), (key, f)
         assert (mine["group_size"], alone["group_size"]) == (3, 1)  # slots: the trials optimized together
 
 

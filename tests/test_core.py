@@ -46,6 +46,27 @@ def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 # --- client batches -------------------------------------------------------------------------------------
 
+def test_psnr_is_computed_in_float64_whatever_the_default_dtype():
+    """10 log10(1 / MSE) by hand, in float64, the same bits under a float64 default dtype (inside a 64-true
+    fit) as outside it; clamped to [0, 1] first; torchmetrics' value to its float32 log(10)."""
+    target = torch.full((2, 1, 4, 4), 0.5)
+    reconstruction = target.double() + torch.tensor([1e-4, 3e-3], dtype=torch.float64).view(2, 1, 1, 1)
+    reconstruction[1, 0, 0, 0] = 2.0  # clamped to 1: error 0.5 at one pixel
+    mse = torch.tensor([1e-8, ((0.5 ** 2) + 15 * 3e-3 ** 2) / 16], dtype=torch.float64)
+    outside = metrics.psnr(reconstruction, target)
+    assert outside.dtype == torch.float64
+    assert torch.allclose(outside, 10 * torch.log10(1 / mse), rtol=1e-10, atol=0)  # float32: 1e-7
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        inside = metrics.psnr(reconstruction, target)
+    finally:
+        torch.set_default_dtype(before)
+    assert torch.equal(inside, outside)
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+    theirs = [peak_signal_noise_ratio(r[None].clamp(0, 1), t[None], data_range=1.0) for r, t in zip(reconstruction, target)]
+    assert torch.allclose(outside, torch.stack(theirs).double(), rtol=1e-7, atol=0)
+
 def test_matching_undoes_a_permutation_and_metrics_compare_matched_pairs():
     g = torch.Generator().manual_seed(0)
     truth = torch.rand(2, 4, 1, 5, 5, generator=g)
