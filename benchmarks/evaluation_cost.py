@@ -178,7 +178,7 @@ def build_dataset(cfg, name: str):
 def config(name: str, root: Path, preset: str = "paper", overrides: tuple[str, ...] = ()):
     from lightning_idlg.api import _config
 
-    experiment = PRESETS[name] + ("" if preset in (None, "paper") else f"_{preset}")
+    experiment = PRESETS[name] + ("" if preset == "paper" else f"_{preset}")
     return _config("idlg", [f"experiment={experiment}", "method=idlg", *data_overrides(name, root), *overrides])
 
 

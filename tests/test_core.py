@@ -67,6 +67,7 @@ def test_psnr_is_computed_in_float64_whatever_the_default_dtype():
     theirs = [peak_signal_noise_ratio(r[None].clamp(0, 1), t[None], data_range=1.0) for r, t in zip(reconstruction, target)]
     assert torch.allclose(outside, torch.stack(theirs).double(), rtol=1e-7, atol=0)
 
+
 def test_matching_undoes_a_permutation_and_metrics_compare_matched_pairs():
     g = torch.Generator().manual_seed(0)
     truth = torch.rand(2, 4, 1, 5, 5, generator=g)

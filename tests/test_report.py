@@ -243,7 +243,6 @@ def test_protocol_of_a_config():
         "reliable", {"steps": 300, "regularizers.tv.weight": None})
 
 
-
 def test_the_paper_command_names_the_run_data_set():
     """A variant on LFW or CIFAR-100 points to that data set's paper preset; a built-in one to MNIST's."""
     for loader, name in [("lfw", "lfw"), ("cifar100", "cifar100"), ("mnist", "mnist"), ("digits", "mnist"),
@@ -251,6 +250,7 @@ def test_the_paper_command_names_the_run_data_set():
         config = {"dataset": {"_target_": f"lightning_idlg.data.{loader}"}}
         assert paper.paper_command(config) == f"lightning-idlg experiment=paper_{name} dataset.root=/path/to/{name}"
     assert paper.paper_command({}) == "lightning-idlg experiment=paper_mnist dataset.root=/path/to/mnist"
+
 
 def read_rows(path: Path) -> dict[tuple[str, str, str], dict]:
     with open(path, newline="") as f:
