@@ -1,6 +1,9 @@
-"""Fixed small runs whose records were stored from the engine before the composable-attack core
-(commit 1fd7f38): tests/test_regression.py reruns them and compares. `python tests/regression.py OUT.json`
-regenerates the file with whatever engine is installed (only do that on purpose)."""
+"""Fixed small runs of the app, and a script that writes their records: `python tests/regression.py OUT.json`
+writes them with whatever engine is installed. For a before/after check of a change on one machine (a
+refactoring must leave records bitwise equal): run it on both commits there and compare the two files.
+Records are not stored in the repository: the paper protocol is chaotic and another CPU's kernels give
+other trajectories (tests/test_regression.py checks the engine against tests/reference.py instead). The
+shared settings (PAPER, COMMON, write_folder) are used by that test too."""
 
 from __future__ import annotations
 
