@@ -18,6 +18,7 @@ from lightning_idlg import Reconstruction, attack, show
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.experiment import attack_batch, plan_trials, prepare_batch
 from tests.toys import TinyNet
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,15 +26,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env, capture_output=True,
+                   text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_notebook_example_attacks_its_own_model_in_under_20_lines():
     script = ROOT / "examples" / "attack_your_model.py"
     assert len(script.read_text().splitlines()) < 20
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = cli.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert done.returncode == 0, done.stderr[-2000:]
     line = done.stdout.strip().splitlines()[-1]
     assert line.startswith("label 0 (true 0), MSE ") and float(line.split("MSE ")[1].split(",")[0]) < 1e-3, line
@@ -86,6 +88,7 @@ def test_bad_gradients_get_one_line():
         attack(model, [torch.zeros_like(p) for p in model.parameters()], (1, 8, 8), method="nope")
 
 
+@pytest.mark.slow
 def test_an_own_model_through_the_cli_gets_only_the_arguments_it_takes(tmp_path):
     done = run_cli("model=custom", "model.factory.target=tests.toys.TinyNet", "+model.factory.hidden=8",
                    "dataset.image_size=8", "trials=1", "steps=2", "progress_bar=false", f"hydra.run.dir={tmp_path / 'r'}",
@@ -102,9 +105,9 @@ def test_an_own_model_through_the_cli_gets_only_the_arguments_it_takes(tmp_path)
 def test_importing_the_package_imports_no_torch():
     """The app takes its run dir's lock before torch is imported (a refused run stops in under a second):
     the package's API is imported on first use only."""
-    done = subprocess.run([sys.executable, "-c", "import sys, lightning_idlg, lightning_idlg.app; "
-                           "print('torch' in sys.modules, 'lightning' in sys.modules)"],
-                          capture_output=True, text=True, timeout=120)
+    done = cli.run([sys.executable, "-c", "import sys, lightning_idlg, lightning_idlg.app; "
+                    "print('torch' in sys.modules, 'lightning' in sys.modules)"],
+                   capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["False", "False"], done.stdout + done.stderr[-1000:]
 
 

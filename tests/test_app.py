@@ -24,6 +24,7 @@ from lightning_idlg.labels import LearnedLabel
 from lightning_idlg.optim import BatchedLBFGS
 from lightning_idlg.client import PrivateBatch, SharedGradient
 from lightning_idlg.experiment import ConfigError, prepare_batch, run
+from tests import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("dataset", "model", "model/init", "client", "defense", "attack", "method", "optimizer", "trainer", "logger",
@@ -50,8 +51,8 @@ def _tiny_shared() -> SharedGradient:
 
 def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env,
+                   capture_output=True, text=True, timeout=300)
 
 
 SHARED = None
@@ -157,6 +158,7 @@ def test_restarts_redraw_a_diverged_trial_and_are_recorded(tmp_path):
     assert torch.equal(second[0], draw([7], (1, 4, 4), 1, 10, attempt=1)[0])  # deterministic
 
 
+@pytest.mark.slow
 def test_patience_stops_a_trial_whose_distance_stops_halving(tmp_path):
     """patience=1: a trial stops at the first step that does not halve D; without it (patience=null, the
     paper; the quick default has 20), all 40 steps run."""
@@ -174,6 +176,7 @@ def test_patience_stops_a_trial_whose_distance_stops_halving(tmp_path):
     assert sum(r["evaluations"] for r in patient) < sum(r["evaluations"] for r in plain)
 
 
+@pytest.mark.slow
 def test_entry_point_writes_the_documented_outputs(tmp_path):
     out = tmp_path / "run"
     result = app("trials=2", "steps=3", "dataset.image_size=16", f"hydra.run.dir={out}", cwd=tmp_path)
@@ -234,6 +237,7 @@ def test_validation_errors_are_config_errors(tmp_path):
         run(cfg_of("seed=abc"), tmp_path)
 
 
+@pytest.mark.slow
 def test_label_extraction_alone_is_exact(tmp_path):
     """`method=idlg steps=1`: the label comes from the gradient before any optimization."""
     summary = run(cfg_of("method=idlg", "trials=200", "steps=1", "pictures=false", "progress_trials=0",
@@ -241,6 +245,7 @@ def test_label_extraction_alone_is_exact(tmp_path):
     assert summary["idlg"]["trials"] == 200 and summary["idlg"]["label_accuracy"] == 1.0
 
 
+@pytest.mark.slow
 def test_idlg_recovers_the_image_on_the_paper_lenet(tmp_path):
     """Paper LeNet for 1x28x28 inputs (sigmoid, U(-0.5, 0.5), hidden 588, 10 classes), L-BFGS lr 1, seed
     fixed: both trials converge below MSE 1e-3 (measured: 6.6e-7 and 1.6e-7 within 60 steps)."""
@@ -252,6 +257,7 @@ def test_idlg_recovers_the_image_on_the_paper_lenet(tmp_path):
     assert summary["idlg"]["fidelity"]["0.001"] == 1.0
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_and_batching_does_not_matter(tmp_path):
     def records(run_dir, *extra):
         run(cfg_of("trials=3", "steps=4", "dataset.image_size=16", "pictures=false", "progress_trials=0",

@@ -15,13 +15,14 @@ from rich.progress import Progress
 from lightning_idlg.experiment import print_summary, summary_text
 from lightning_idlg.monitor import AttackProgress
 from lightning_idlg.results import summarize
+from tests import cli
 
 
 def app(*args: str, cwd, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY",)}
     environ.update(WANDB_MODE="offline", COLUMNS="80", **env)
-    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=environ,
-                          capture_output=True, text=True, timeout=300)
+    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=environ,
+                   capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow

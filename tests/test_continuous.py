@@ -29,6 +29,7 @@ def records(run_dir: Path) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["index"]): r for r in read_records(run_dir / "trials.jsonl")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", [
     # L-BFGS, both attacks (a learned label and a restored one), trials of very different lengths
     ["method=both", "steps=25", "tolerance=1e-9", "patience=null"],
@@ -56,6 +57,7 @@ def test_records_equal_the_solo_runs(tmp_path, one_thread, setting):
         assert (mine["group_size"], alone["group_size"]) == (3, 1)  # slots: the trials optimized together
 
 
+@pytest.mark.slow
 def test_slots_are_refilled_and_every_trial_is_handed_over_once(monkeypatch, tmp_path, one_thread):
     entered = []
     real = GradientInversion._enter
@@ -73,6 +75,7 @@ def test_slots_are_refilled_and_every_trial_is_handed_over_once(monkeypatch, tmp
     assert sorted(i for _, i in records(tmp_path)) == list(range(9))
 
 
+@pytest.mark.slow
 def test_resume_completes_a_continuous_run(tmp_path, one_thread):
     experiment.run(cfg_of("method=idlg", "trials=4", "steps=10", "trials_per_group=2", "continuous_batching=true"),
                    tmp_path)
@@ -84,6 +87,7 @@ def test_resume_completes_a_continuous_run(tmp_path, one_thread):
     assert sorted(r["index"] for r in after) == list(range(7))  # each trial once
 
 
+@pytest.mark.slow
 def test_pictures_wait_for_every_attack_of_a_trial(tmp_path, one_thread):
     experiment.run(cfg_of("method=both", "trials=3", "steps=6", "trials_per_group=2", "continuous_batching=true",
                           "pictures=true", "progress_trials=1", "snapshot_every=2"), tmp_path)
@@ -98,6 +102,7 @@ def test_continuous_batching_must_be_a_boolean(tmp_path):
         experiment.run(cfg_of("continuous_batching=3"), tmp_path)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_stays_one_network_through_refills(tmp_path, monkeypatch, one_thread):
     import torch
 

@@ -23,6 +23,7 @@ from lightning_idlg.experiment import plan_trials, prepare_batch, run
 from lightning_idlg.objective import BatchedDistance
 from lightning_idlg.victim import LeNet, make_victim
 from tests.toys import bn_victims
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIGS = ROOT / "tests" / "configs"
@@ -40,8 +41,8 @@ def records(run_dir: Path) -> list[dict]:
 
 def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env, capture_output=True,
+                   text=True, timeout=300)
 
 
 # --- client batches -------------------------------------------------------------------------------------
@@ -162,6 +163,7 @@ def test_a_batchnorm_victims_shared_gradient_equals_plain_autograd(mode):
     assert float(d.max()) < 1e-20
 
 
+@pytest.mark.slow
 def test_a_checkpoint_victim_is_one_network_for_all_trials(tmp_path):
     net = make_victim(LeNet, in_channels=1, image_size=12, num_classes=10, seed=5)
     torch.save(net.state_dict(), tmp_path / "victim.pt")
@@ -255,6 +257,7 @@ def test_records_carry_the_defense_and_its_parameters(tmp_path):
 
 # --- parts from outside the package, through the real entry point --------------------------------------
 
+@pytest.mark.slow
 def test_a_new_defense_label_strategy_and_victim_are_one_module_and_one_yaml_each(tmp_path):
     search = f"hydra.searchpath=[file://{TOY_CONFIGS}]"
     result = app(search, "attack=bias_idlg", "defense=sign", "trials=2", "steps=2", "dataset.image_size=8",

@@ -4,7 +4,6 @@ point: the cause, the file or key, what is valid. Bad data files fail before the
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,12 +20,13 @@ BASE = ["steps=2", "threads=1", "progress_bar=false", "pictures=false", "progres
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from test_data import write_cifar100_pickle, write_mnist_test  # noqa: E402
+from tests import cli  # noqa: E402
 
 
 def error_line(tmp_path: Path, *args: str) -> str:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "lightning_idlg", *BASE, *args, f"hydra.run.dir={tmp_path / 'run'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = cli.run([sys.executable, "-m", "lightning_idlg", *BASE, *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                     cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr and "Error executing job" not in result.stderr, \

@@ -272,6 +272,7 @@ def test_method_ig_composes_breachings_defaults():
     assert cfg_of("method=ig", "steps=2400").attack.ig.optimizer.step_decay == 2400
 
 
+@pytest.mark.slow
 def test_ig_and_the_batchnorm_prior_run_end_to_end(tmp_path):
     out = app("method=ig", "steps=6", "trials=2", "model=custom", "model.factory.target=tests.toys.TinyBN",
               "client.share_buffers=true", "attack.ig.regularizers.bn.weight=0.1", "dataset.image_size=8",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.label_metrics import count_accuracy, exact_multiset, instance_accuracy, label_counts, score
 from lightning_idlg.label_restoration import COLUMNS, draw_clients
 from lightning_idlg.victim import DefaultInit, LeNet, UniformInit, make_victim
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS, CLASSES = 200, 100
@@ -86,6 +86,7 @@ def exact_share(strategy, shared, labels) -> float:
     return float(exact_multiset(restored, labels, shared.num_classes).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [2, 16])
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 def test_each_strategy_exact_where_its_paper_says(activation, batch_size):
@@ -104,6 +105,7 @@ def test_each_strategy_exact_where_its_paper_says(activation, batch_size):
     assert all(set(y.tolist()) <= set(r.tolist()) for r, y in zip(yin, labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["sigmoid", "relu"])
 def test_llg_plus_exact_at_64(activation):
     """LLG+ nearly always at B = 64 with repeated labels (measured 200 of 200 with sigmoid, 199 with ReLU:
@@ -123,6 +125,7 @@ def test_paper_victims_confident_softmax():
     assert exact_share(L.BiasCorrected(), shared, labels) < 0.8
 
 
+@pytest.mark.slow
 def test_ten_classes_bound():
     """With C = 10 the counts from the gradient alone hold to B = 4 and fail at B = 8 (the offset of B - 1
     other samples is as large as one label's impact); Yin holds for 4 distinct labels."""
@@ -174,8 +177,8 @@ def test_draw_clients_modes():
 
 
 def run_cli(tmp_path, *overrides):
-    return subprocess.run([sys.executable, "-m", "lightning_idlg.label_restoration", f"hydra.run.dir={tmp_path}",
-                           *overrides], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return cli.run([sys.executable, "-m", "lightning_idlg.label_restoration", f"hydra.run.dir={tmp_path}",
+                    *overrides], capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_cli_writes_rows(tmp_path):
@@ -232,10 +235,10 @@ def test_cli_bad_label_mode_one_line(tmp_path):
 @pytest.mark.slow
 def test_batch_strategy_in_an_attack(tmp_path):
     """Yin as iDLG's label strategy for clients of 2 samples: the attack runs 2 steps end to end."""
-    done = subprocess.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "attack.idlg.label_strategy._target_=lightning_idlg.labels.Yin",
-                           "~attack.idlg.label_strategy.rule", "client.batch_size=2", "steps=2", "trials=2",
-                           "pictures=false", "progress_bar=false", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=180)
+    done = cli.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "attack.idlg.label_strategy._target_=lightning_idlg.labels.Yin",
+                    "~attack.idlg.label_strategy.rule", "client.batch_size=2", "steps=2", "trials=2",
+                    "pictures=false", "progress_bar=false", f"hydra.run.dir={tmp_path}"],
+                   capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     import json
 
@@ -245,7 +248,7 @@ def test_batch_strategy_in_an_attack(tmp_path):
 
 
 def test_idlg_label_strategy_refuses_b2_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "client.batch_size=2", "trials=1",
-                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = cli.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "client.batch_size=2", "trials=1",
+                    f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: the iDLG label strategy supports client.batch_size <= 1, got 2")

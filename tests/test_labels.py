@@ -66,6 +66,7 @@ def test_closed_form_gradient_matches_autograd():
         torch.testing.assert_close(layer.bias.grad, grad_b[k], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 @pytest.mark.parametrize("num_classes", [10, 100, 5749])
 def test_rules_exact_on_1000_random_draws(num_classes, activation):

@@ -26,15 +26,16 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.experiment import Trial, evaluate
 from lightning_idlg.inversion import AttackResult
 from lightning_idlg.results import summarize
+from tests import cli
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
 
 def run_app(cwd: Path, torch_home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TORCH_HOME": str(torch_home), "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "lightning_idlg", "threads=1", "progress_bar=false", "pictures=false",
-                           "progress_trials=0", *args, f"hydra.run.dir={cwd / 'run'}"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return cli.run([sys.executable, "-m", "lightning_idlg", "threads=1", "progress_bar=false", "pictures=false",
+                    "progress_trials=0", *args, f"hydra.run.dir={cwd / 'run'}"],
+                   cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

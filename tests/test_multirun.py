@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
+from tests import cli
 
 FAST = ["trials=1", "steps=2", "dataset.image_size=8", "optimizer.max_iter=2", "threads=1", "progress_bar=false",
         "pictures=false"]
@@ -18,8 +19,8 @@ FAST = ["trials=1", "steps=2", "dataset.image_size=8", "optimizer.max_iter=2", "
 
 def run_app(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}  # no test here may reach for W&B
-    return subprocess.run([sys.executable, "-m", "lightning_idlg", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return cli.run([sys.executable, "-m", "lightning_idlg", *args], env=env, capture_output=True,
+                   text=True, timeout=timeout)
 
 
 @pytest.mark.slow

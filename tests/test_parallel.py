@@ -32,6 +32,7 @@ def comparable(records: list[dict]) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["index"]): {k: v for k, v in r.items() if k not in VARYING} for r in records}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])  # CPU ranks forked, or spawned
 def test_two_cpu_ranks_write_one_file_with_every_trial_once_and_the_one_process_results(tmp_path, strategy):
     args = [*TINY, "method=both", "trials=6", "trials_per_group=2"]

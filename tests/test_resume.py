@@ -48,6 +48,7 @@ def keys(run_dir: Path) -> list[tuple[str, int]]:
     return [(r["method"], r["index"]) for r in read_records(run_dir / "trials.jsonl")]
 
 
+@pytest.mark.slow
 def test_rerun_with_more_trials_computes_only_the_new_ones(tmp_path, attacks):
     # K fixed: the groups are chunks of the plan ([0, 1], [2, 3], [4, 5]); with auto, K = trials (<= 32) and the
     # rerun would run its one group [0..5] whole, appending only trials 4 and 5
@@ -107,6 +108,7 @@ def test_resume_reads_the_rank_files_of_an_interrupted_multi_rank_run(tmp_path, 
     assert not list(tmp_path.glob("trials.rank*.jsonl"))  # merged and removed
 
 
+@pytest.mark.slow
 def test_a_killed_run_loses_no_finished_trial_and_the_rerun_completes_it(tmp_path):
     args = ["method=idlg", "trials=16", "trials_per_group=1", "steps=20"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
@@ -137,6 +139,7 @@ def test_a_killed_run_loses_no_finished_trial_and_the_rerun_completes_it(tmp_pat
     assert after[:len(before)] == before  # what was recorded before the kill stays as it was
 
 
+@pytest.mark.slow
 def test_nothing_of_a_finished_batch_stays_in_memory(tmp_path, monkeypatch):
     """Records stream to disk, and each batch's attack module (its K trials' L-BFGS history) is freed before
     the next batch starts: memory does not grow with the number of trials."""

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_module
 from lightning_idlg import experiment, report
 from lightning_idlg.results import dumps, read_records, unique
 from lightning_idlg.rundir import EXCLUDE, settings
+from tests import cli
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=2", "threads=1", "progress_bar=false", "pictures=false",
         "progress_trials=0"]
@@ -30,7 +31,7 @@ def app(*args: str, cwd: Path, wait: bool = True):
     command = [sys.executable, "-m", "lightning_idlg", *args]
     if not wait:
         return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return cli.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def cfg_of(*overrides: str):
@@ -53,6 +54,7 @@ def strict(text: str):
 
 
 # -- lock ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_dir_stops_at_once_and_the_first_completes(tmp_path):
     out = tmp_path / "run"
     first = app(*TINY, "trials=8", "steps=30", "trials_per_group=1", f"hydra.run.dir={out}", cwd=tmp_path, wait=False)
@@ -110,6 +112,7 @@ def test_duplicate_lines_are_counted_once_by_the_summary_and_the_report(tmp_path
 
 
 # -- fingerprint --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("change,key", [("steps=3", "steps: 2 -> 3"),
                                          ("dataset=faces", "dataset._target_: 'lightning_idlg.data.digits' -> "
                                                            "'lightning_idlg.data.faces'")])
@@ -138,6 +141,7 @@ def test_resume_force_appends_and_says_so(tmp_path):
     assert (tmp_path / "config.yaml").read_text() == config  # the config of the first records, not steps=3
 
 
+@pytest.mark.slow
 def test_what_may_change_between_reruns(tmp_path):
     """More trials, another method, other threads/progress/K: resumed; the fingerprint ignores them."""
     experiment.run(cfg_of("trials=2", "method=idlg"), tmp_path)
@@ -187,6 +191,7 @@ def comparable(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "seconds"}  # wall time is the one thing that may differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", ["auto", "2"])
 def test_a_resumed_trial_gets_the_record_of_the_uninterrupted_run(tmp_path, k):
     args = ["trials=5", "steps=8", f"trials_per_group={k}"]

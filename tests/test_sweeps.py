@@ -57,6 +57,7 @@ def agent_argv(command: list, run_config: dict) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_sweep_composes_as_hydra_overrides(path, monkeypatch):
     config = yaml.safe_load(path.read_text())
@@ -111,6 +112,7 @@ def test_paper_grid_runs_are_the_paper_experiments():
                        {k: v for k, v in paper.items() if k != "attack"}, dataset
 
 
+@pytest.mark.slow
 def test_batch_and_local_step_sweeps_reach_the_client_and_attack():
     """client_batch.yaml: B in 1..8 with batch label strategies (iDLG's rule key removed, the strategy
     checked against B by validate); fedavg_local_steps.yaml: a FedAvg client of 4 samples, 1, 5, 10 local

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from PIL import Image
 from lightning_idlg import tracking
 from lightning_idlg.pictures import GAP, client_panel_canvas, panel_canvas, to_uint8
 from lightning_idlg.results import summarize
+from tests import cli
 
 def _digits(size: int) -> torch.Tensor:
     from lightning_idlg.data import digits
@@ -110,8 +110,8 @@ def test_offline_wandb_run_holds_curves_panels_table_summary_config(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "lightning_idlg", "logger=wandb", "logger.image_every=2", "logger.image_trials=2",
            f"hydra.run.dir={run_dir}", *FAST]
-    done = subprocess.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
-                          timeout=300)
+    done = cli.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
+                   timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")  # save_dir is the Hydra run dir
     run = load_offline_run(wandb_run)
@@ -311,8 +311,8 @@ def test_offline_wandb_run_of_a_b3_client_logs_one_panel_per_client(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "lightning_idlg", "logger=wandb", "logger.image_every=2", "logger.image_trials=2",
            "method=dlg", "client.batch_size=3", f"hydra.run.dir={run_dir}", *FAST]
-    done = subprocess.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
-                          timeout=300)
+    done = cli.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
+                   timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
     run = load_offline_run(wandb_run)
@@ -345,8 +345,8 @@ def test_offline_wandb_label_restoration_logs_table_and_plot(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "lightning_idlg.label_restoration", "logger=wandb", "clients=6", "clients_per_group=3",
            "batch_sizes=[1,2]", "labels=[distinct,repeated]", f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
-                          timeout=300)
+    done = cli.run(cmd, env=wandb_env(tmp_path, WANDB_MODE="offline"), capture_output=True, text=True,
+                   timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
     run = load_offline_run(wandb_run)

@@ -17,6 +17,7 @@ from lightning_idlg.architectures import ResNet
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.train import check_settings
 from lightning_idlg.victim import CheckpointInit
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # a narrow ResNet-8 on 8x8 digits: one epoch over 64 images in a second or two
@@ -25,8 +26,8 @@ TINY = ["model=resnet20", "model.factory.depth=8", "model.factory.width=0.25", "
 
 def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return cli.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                   timeout=300)
 
 
 def train_cfg(*overrides: str):
@@ -58,6 +59,7 @@ def test_training_saves_state_dicts_at_the_chosen_epochs_with_their_accuracy(tra
     assert all(torch.equal(after[k], v) for k, v in torch.load(trained / "final.pt", weights_only=True).items())
 
 
+@pytest.mark.slow
 def test_the_checkpoint_loads_into_an_identical_network_and_is_the_attacked_victim(trained, tmp_path):
     state = torch.load(trained / "final.pt", weights_only=True)
     fresh = ResNet(1, 8, 10, depth=8, width=0.25)  # another init: every tensor must come from the file

@@ -7,7 +7,6 @@ import copy
 import functools
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.objective import BatchedDistance
 from lightning_idlg.victim import DefaultInit, make_victim
 from tests.toys import TinyBN
+from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # breaching 0.1.2's state dicts of resnet20, ResNet18 and convnet for CIFAR-100 (the file says how it was made)
@@ -188,13 +188,14 @@ def test_the_distance_gradient_through_batchnorm_equals_finite_differences(mode)
     assert slope == pytest.approx(float(ahead - behind) / 2e-6, rel=1e-7)
 
 
+@pytest.mark.slow
 def test_an_attack_on_a_resnet_runs_end_to_end_and_writes_records(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_idlg", "model=resnet20", "model.factory.depth=8", "model.factory.width=0.25",
-         "dataset=digits", "dataset.image_size=8", "steps=2", "trials=2", "client.mode=eval",
-         "client.share_buffers=true", "progress_bar=false", "pictures=false", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = cli.run(
+ [sys.executable, "-m", "lightning_idlg", "model=resnet20", "model.factory.depth=8", "model.factory.width=0.25",
+  "dataset=digits", "dataset.image_size=8", "steps=2", "trials=2", "client.mode=eval",
+  "client.share_buffers=true", "progress_bar=false", "pictures=false", f"hydra.run.dir={tmp_path / 'run'}"],
+ cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "trials.jsonl").read_text().splitlines()]
     assert sorted((r["method"], r["index"]) for r in rows) == [("dlg", 0), ("dlg", 1), ("idlg", 0), ("idlg", 1)]
