@@ -6,7 +6,7 @@ gradients (weight and bias, (K, C, F) and (K, C)) and the victims' weights go to
 breaching's own `_recover_label_information` (breaching/attacks/base_attack.py) runs on exactly those
 gradients in breaching's venv, as a subprocess (this file again, with --breaching-side), strategy by
 strategy: `yin`, `wainakh-simple`, `wainakh-whitebox`, `bias-corrected`, and `iDLG` at B = 1. Both sides'
-labels are scored here by lightning_idlg.label_metrics; the table pairs each of our strategies with
+labels are scored here by lightning_idlg.records.label_metrics; the table pairs each of our strategies with
 breaching's for the same method.
 
     PYTHONPATH=. python benchmarks/labels_breaching.py dataset=mnist dataset.root=../shared/data/mnist \
@@ -52,8 +52,8 @@ def our_side(overrides: list[str], clients: int, group: int, work: Path, whitebo
     from omegaconf import OmegaConf
 
     from lightning_idlg import label_restoration as lr
-    from lightning_idlg.label_metrics import score
-    from lightning_idlg.victim import output_layer
+    from lightning_idlg.records.label_metrics import score
+    from lightning_idlg.case.model import output_layer
 
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         cfg = compose("label_restoration", overrides=[*overrides, f"clients={clients}", f"clients_per_group={group}"])
@@ -100,7 +100,7 @@ def breaching_scores(cells: list[dict], results: list[dict], num_classes: int) -
     """Score breaching's labels (lists of any length per client) against the private ones, into cells."""
     import torch
 
-    from lightning_idlg.label_metrics import score
+    from lightning_idlg.records.label_metrics import score
 
     for cell, result in zip(cells, results):
         cell["breaching"] = {}
@@ -180,7 +180,7 @@ def breaching_side(work: Path, whitebox_clients: int) -> None:
     c, h, _ = victims["shape"]
 
     def victim(j: int | None = None) -> torch.nn.Module:
-        """Our victim's architecture (lightning_idlg.architectures / victim: torch only), client j's weights."""
+        """Our victim's architecture (lightning_idlg.case.architectures / victim: torch only), client j's weights."""
         from hydra.utils import instantiate
 
         model = instantiate(victims["factory"])(in_channels=c, image_size=h, num_classes=victims["num_classes"])

@@ -161,7 +161,7 @@ def engine_command(args, plan: dict, run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------- shared
 
 def load_dataset(data: dict):
-    from lightning_idlg.data import cifar100, faces  # loaders only: torchvision + PIL, no engine code
+    from lightning_idlg.case.dataset import cifar100, faces  # loaders only: torchvision + PIL, no engine code
 
     return cifar100(data["root"]) if data["name"] == "cifar100" else faces(image_size=32, num_classes=100)
 
@@ -170,7 +170,7 @@ def make_plan(args) -> dict:
     """The N trials: image index, victim seed, dummy seed (the engine's own plan for this seed)."""
     from omegaconf import OmegaConf
 
-    from lightning_idlg.experiment import plan_trials
+    from lightning_idlg.run.experiment import plan_trials
 
     root = Path(args.data).resolve()
     data = {"name": "cifar100", "root": str(root)} if (root / "test").is_dir() else {"name": "faces", "root": None}

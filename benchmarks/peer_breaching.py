@@ -29,7 +29,7 @@ Comparisons (`--attacks`):
 (c) ig_batch: Inverting Gradients on clients of B samples (--batch-sizes, default 4 and 8) on
     --batch-model (ResNet-20), untrained: ours `method=ig model=resnet20 client.batch_size=B`, breaching
     `attack=invertinggradients case.user.num_data_points=B`, --ig-steps each. Labels (--batch-labels) by
-    a rule both sides compute identically for B > 1: `yin` (ours lightning_idlg.labels.Yin, breaching
+    a rule both sides compute identically for B > 1: `yin` (ours lightning_idlg.attacks.labels.Yin, breaching
     `label_strategy=yin`: the B most negative row minima of the head's weight gradient; default) or
     `bias-corrected` (ours BiasCorrected); the check below says whether both restored the same multiset.
 (d) fedavg: a FedAvg client of --fedavg-batch (4) samples making T local SGD steps (--local-steps, default
@@ -81,7 +81,7 @@ breaching, which has no multi-process mode, gets the same cores as one process p
 shared out (trial i to process i mod cores): its best configuration. Each side is timed end to end
 (interpreter start, imports, data, all attacks): wall time, and CPU time as getrusage of the child
 processes (user + system, every descendant included), so `attacks per CPU-minute` is attacks / CPU
-minutes spent, not wall x cores. Metrics on both sides are ours (lightning_idlg.metrics: MSE on raw
+minutes spent, not wall x cores. Metrics on both sides are ours (lightning_idlg.records.metrics: MSE on raw
 pixels, PSNR and SSIM clamped to [0, 1]); success is MSE < 1e-3. At B > 1 an attack is a client: each
 reconstruction is matched to a private image (metrics.match, Hungarian on MSE; breaching's reconstructions
 the same way, reconstruction i carrying breaching's sorted label i), PSNR, SSIM and success are per image
@@ -132,7 +132,7 @@ BREACHING_CASE = ["case=1_single_image_small", "case/data=CIFAR100", "case.data.
                   "case.data.mean=[0,0,0]", "case.data.std=[1,1,1]", "case.server.model_state=default",
                   "attack.optim.callback=1000000"]
 # batch label strategies (client batch B > 1) that both sides compute the same way: --batch-labels -> our
-# label strategy (lightning_idlg.labels) and breaching's attack.label_strategy
+# label strategy (lightning_idlg.attacks.labels) and breaching's attack.label_strategy
 BATCH_LABELS = {"yin": ("Yin", "yin"), "bias-corrected": ("BiasCorrected", "bias-corrected")}
 ATTACKS = ("dlg", "ig", "ig_batch", "fedavg")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -156,7 +156,7 @@ class Comparison:
 def batch_label_overrides(args) -> list[str]:
     """Our IG's label strategy for B > 1 (--batch-labels), in place of iDLG's rule."""
     ours, _ = BATCH_LABELS[args.batch_labels]
-    return [f"attack.ig.label_strategy._target_=lightning_idlg.labels.{ours}", "~attack.ig.label_strategy.rule"]
+    return [f"attack.ig.label_strategy._target_=lightning_idlg.attacks.labels.{ours}", "~attack.ig.label_strategy.rule"]
 
 
 def batch_comparisons(args) -> list[Comparison]:
@@ -183,7 +183,7 @@ def batch_comparisons(args) -> list[Comparison]:
                 ["dataset=cifar100", f"method={args.ig_method}", f"model={model}", "client=fedavg",
                  f"client.batch_size={b}", f"client.epochs={t}", f"client.local_batch_size={b}",
                  f"client.lr={args.local_lr}", "client.disclose_local=true",
-                 "attack.ig.objective._target_=lightning_idlg.fedavg.LocalUpdates", f"steps={args.fedavg_steps}",
+                 "attack.ig.objective._target_=lightning_idlg.case.fedavg.LocalUpdates", f"steps={args.fedavg_steps}",
                  *batch_label_overrides(args), *args.ig_override],
                 # breaching's FedAvg user: T local updates of all B samples at the same lr, disclosed to the server
                 ["case/user=local_updates", f"case.user.num_local_updates={t}",
@@ -242,7 +242,7 @@ def write_case(args, comparison: Comparison, path: Path) -> dict:
     (images, labels, checksums) and breaching's overrides for them."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.experiment import attack_names, plan_trials, prepare_batch
+    from lightning_idlg.run.experiment import attack_names, plan_trials, prepare_batch
 
     cfg = compose(our_overrides(args, comparison))
     [method] = attack_names(cfg)
@@ -299,7 +299,7 @@ def float64_share(cfg, dataset, trials, private) -> dict[str, torch.Tensor]:
     orders can differ by more than 1e-4 while computing the same thing; in float64 they agree to ~1e-12."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.client import PrivateBatch
+    from lightning_idlg.case.client import PrivateBatch
     from lightning_idlg.label_restoration import build_victims
 
     model, weights, buffers = build_victims(cfg, dataset, [t.index for t in trials])
@@ -351,7 +351,7 @@ def our_side(args, comparison: Comparison, out: Path, method: str) -> dict:
 
 def breaching_side(args, comparison: Comparison, out: Path, case_dir: Path, case: dict) -> dict:
     """breaching's workers, one process per core, trial i in process i mod cores; metrics by ours."""
-    from lightning_idlg import metrics
+    from lightning_idlg.records import metrics
 
     python = str(Path(args.breaching_venv) / "bin" / "python")
     shards = [out / f"{comparison.name}_breaching.{i}.pt" for i in range(args.cores)]
@@ -601,7 +601,7 @@ start, the same iteration budget, both sides on the same cores (one thread per p
 - **IG at client batch B** (`ig_<model>_b<B>`): ours `method=ig model=resnet20 client.batch_size=B`,
   breaching `attack=invertinggradients case.user.num_data_points=B`; both read the B labels off the head's
   gradient with the same rule (`--batch-labels`: Yin et al. 2021, the B most negative row minima of the
-  head's weight gradient, ours `lightning_idlg.labels.Yin`, breaching `label_strategy=yin`; or the
+  head's weight gradient, ours `lightning_idlg.attacks.labels.Yin`, breaching `label_strategy=yin`; or the
   bias-corrected count on both), and the script checks that both restored the same multiset per client.
 - **FedAvg** (`fedavg_<model>_b<B>_t<T>`): a client of B samples runs T local SGD steps, each over all B
   samples (ours `client=fedavg client.epochs=T client.local_batch_size=B client.lr=...`; breaching's
@@ -617,7 +617,7 @@ start, the same iteration budget, both sides on the same cores (one thread per p
   L2 difference below 1e-4 (in float32 the same computation can differ by more: BatchNorm at small batch
   variances, rounding amplified over T local steps; those differences are in the checks table); the same
   restored labels on both sides.
-- **Metrics** (ours on both sides, `lightning_idlg.metrics`): each reconstruction is matched to a private
+- **Metrics** (ours on both sides, `lightning_idlg.records.metrics`): each reconstruction is matched to a private
   image (Hungarian assignment on MSE), then PSNR and SSIM per image (clamped to [0, 1]); *per image* is
   the median over all images, *per client* the median over clients of a client's mean PSNR; label
   accuracy is per image after matching (the label that came with the matched reconstruction), *exact*

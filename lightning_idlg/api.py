@@ -25,11 +25,12 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
-from lightning_idlg import metrics
-from lightning_idlg.client import SharedGradient, functional_victim, share_one_network
+from lightning_idlg.records import metrics
+from lightning_idlg.case.client import SharedGradient, functional_victim, share_one_network
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import Trial, attack_batch, derive_seed
-from lightning_idlg.victim import output_layer
+from lightning_idlg.records.moved import modernize_config
+from lightning_idlg.run.experiment import Trial, attack_batch, derive_seed
+from lightning_idlg.case.model import output_layer
 
 
 @dataclass
@@ -167,6 +168,8 @@ def _config(method: str, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         try:
-            return compose("config", overrides=[f"attack={method}", "progress_bar=false", *overrides])
+            cfg = compose("config", overrides=[f"attack={method}", "progress_bar=false", *overrides])
         except Exception as err:  # Hydra's own message names the bad override
             raise ConfigError(str(err).splitlines()[0]) from None
+    modernize_config(cfg)  # an override naming a module by its path before the move
+    return cfg

@@ -12,7 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.rundir import RunDirLock
+from lightning_idlg.records.moved import modernize_config
+from lightning_idlg.records.rundir import RunDirLock
 
 # torch, Lightning and the experiment are imported once the run dir's lock is taken (`_run`): a second run
 # into a busy dir stops in about a second instead of after ~5 s of imports
@@ -57,10 +58,12 @@ def app(cfg: DictConfig) -> dict | float:
 
 
 def _run(cfg: DictConfig) -> dict | float:
-    from lightning_idlg.experiment import run
-    from lightning_idlg.tracking import MetricNameError, metric_names, metric_value
+    from lightning_idlg.run.experiment import run
+    from lightning_idlg.run.tracking import MetricNameError, metric_names, metric_value
 
     _quiet_lightning()
+    for change in modernize_config(cfg):  # a _target_ of a module that moved (old YAML, old overrides)
+        print(f"note: {change} (the module moved; the old path keeps working)", file=sys.stderr)
     name = cfg.get("optimized_metric")
     try:
         lpips = OmegaConf.select(cfg, "metrics.lpips", default=False) not in (False, None)

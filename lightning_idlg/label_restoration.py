@@ -106,8 +106,8 @@ def build_victims(cfg: DictConfig, dataset, indices: list[int]):
     one checkpoint viewed K times."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.client import share_one_network, stack_victims
-    from lightning_idlg.victim import make_victim
+    from lightning_idlg.case.client import share_one_network, stack_victims
+    from lightning_idlg.case.model import make_victim
 
     c, h, _ = dataset.shape
     factory, init = instantiate(cfg.model.factory), instantiate(cfg.model.init)
@@ -140,10 +140,10 @@ def strategies(cfg: DictConfig) -> dict:
             raise ConfigError(f"strategies.{name} cannot be built: {str(err).splitlines()[0]}") from None
         if getattr(part, "learned", True) or not hasattr(part, "restore"):
             raise ConfigError(f"strategies.{name} is not a label strategy that restores labels; valid: "
-                              "lightning_idlg.labels.AnalyticLabel, Yin, LLG, LLGPlus, BiasCorrected")
+                              "lightning_idlg.attacks.labels.AnalyticLabel, Yin, LLG, LLGPlus, BiasCorrected")
         parts[name] = part
     if not parts:
-        raise ConfigError("strategies is empty; name at least one, e.g. strategies.Yin._target_=lightning_idlg.labels.Yin")
+        raise ConfigError("strategies is empty; name at least one, e.g. strategies.Yin._target_=lightning_idlg.attacks.labels.Yin")
     return parts
 
 
@@ -209,8 +209,10 @@ def restore_cells(cfg: DictConfig, dataset, parts: dict):
 
 def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
     """Every cell's row (COLUMNS): scores averaged over the cell's clients."""
-    from lightning_idlg.label_metrics import score
+    from lightning_idlg.records.label_metrics import score
+    from lightning_idlg.records.moved import modernize_config
 
+    modernize_config(cfg)  # a strategy named by its module path before the move
     validate(cfg)
     parts = strategies(cfg)
     dataset = load_dataset(cfg)
@@ -233,7 +235,7 @@ def compose_defense(cfg: DictConfig):
     """The client's defenses (defense=..., a list applies them in order), as in the attack runs."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.defenses import compose
+    from lightning_idlg.case.defense import compose
 
     return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
 
@@ -255,7 +257,7 @@ def share(cfg, batch_size, model, weights, buffers, images, labels, num_classes,
     """The clients' shared gradients through the real Client (its reduction, mode, defense)."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.client import PrivateBatch
+    from lightning_idlg.case.client import PrivateBatch
 
     client = instantiate(cfg.client, batch_size=batch_size)
     private = PrivateBatch(images, labels, chunk)
@@ -409,7 +411,7 @@ def _app(cfg: DictConfig) -> None:
     log.info("wrote %s, labels.md, labels.png", out_dir / "labels.csv")
     logger = make_logger(cfg)
     if logger is not None:
-        from lightning_idlg.tracking import log_label_results
+        from lightning_idlg.run.tracking import log_label_results
 
         log_label_results(logger, rows, COLUMNS, out_dir / "labels.png", OmegaConf.to_container(cfg, resolve=True))
 

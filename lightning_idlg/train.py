@@ -160,7 +160,7 @@ def train(cfg: DictConfig, out: str | Path) -> list[dict]:
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_idlg.victim import make_victim
+    from lightning_idlg.case.model import make_victim
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # their banners (GPU available: ...), set on import
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRELOAD = ("lightning_idlg.app", "lightning_idlg.experiment", "lightning_idlg.report")
+PRELOAD = ("lightning_idlg.app", "lightning_idlg.run.experiment", "lightning_idlg.report")
 _server: subprocess.Popen | None = None
 
 

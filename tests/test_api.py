@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from lightning_idlg import Reconstruction, attack, show
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import attack_batch, plan_trials, prepare_batch
+from lightning_idlg.run.experiment import attack_batch, plan_trials, prepare_batch
 from tests.toys import TinyNet
 from tests import cli
 

@@ -17,13 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-import lightning_idlg.inversion as attack_module
-from lightning_idlg import paper as paper_protocol
-from lightning_idlg.inversion import GradientInversion
-from lightning_idlg.labels import LearnedLabel
-from lightning_idlg.optim import BatchedLBFGS
-from lightning_idlg.client import PrivateBatch, SharedGradient
-from lightning_idlg.experiment import ConfigError, prepare_batch, run
+import lightning_idlg.attacks.inversion as attack_module
+from lightning_idlg.records import paper as paper_protocol
+from lightning_idlg.attacks.inversion import GradientInversion
+from lightning_idlg.attacks.labels import LearnedLabel
+from lightning_idlg.attacks.optimizer import BatchedLBFGS
+from lightning_idlg.case.client import PrivateBatch, SharedGradient
+from lightning_idlg.run.experiment import ConfigError, prepare_batch, run
 from tests import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,7 +44,7 @@ def attack_of(shared: SharedGradient, name: str = "idlg", *overrides: str) -> Gr
 
 def _tiny_shared() -> SharedGradient:
     cfg = cfg_of("trials=2", "dataset.image_size=8")
-    from lightning_idlg.experiment import plan_trials
+    from lightning_idlg.run.experiment import plan_trials
     dataset = instantiate(cfg.dataset)
     return prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))[1]
 
@@ -71,12 +71,12 @@ def test_every_config_group_option_composes(group, option):
     extra = ["model.init.path=x.pt"] if (group, option) == ("model/init", "checkpoint") else []
     cfg = cfg_of(f"{group}={option}", *extra)
     assert cfg.trials >= 1 and cfg.steps >= 1
-    assert "factory" in cfg.model and cfg.optimizer._target_.startswith("lightning_idlg.optim.")
+    assert "factory" in cfg.model and cfg.optimizer._target_.startswith("lightning_idlg.attacks.optimizer.")
     assert set(cfg.attack) <= {"dlg", "idlg", "ig"} and cfg.attack
     if group in ("attack", "method"):
         assert set(cfg.attack) == ({"dlg", "idlg"} if option == "both" else {option})
     # every part is instantiated, not only composed
-    from lightning_idlg.experiment import make_defense
+    from lightning_idlg.run.experiment import make_defense
     assert instantiate(cfg.client).batch_size == cfg.client.batch_size
     chain = make_defense(cfg)
     assert chain.describe()["name"] == ("+".join(cfg.defense) or "none")
@@ -91,12 +91,12 @@ def test_every_config_group_option_composes(group, option):
 def test_paper_presets_are_the_reference_protocol():
     for name, classes_dataset in (("paper_mnist", "mnist"), ("paper_cifar100", "cifar100"), ("paper_lfw", "lfw")):
         cfg = cfg_of(f"experiment={name}")
-        assert cfg.dataset._target_ == f"lightning_idlg.data.{classes_dataset}"
+        assert cfg.dataset._target_ == f"lightning_idlg.case.dataset.{classes_dataset}"
         assert (cfg.trials, cfg.steps, cfg.tolerance) == (1000, 300, 1e-6)
         assert cfg.model.factory.activation == "sigmoid" and cfg.model.init.scale == 0.5
-        assert cfg.model.init._target_ == "lightning_idlg.victim.UniformInit"
+        assert cfg.model.init._target_ == "lightning_idlg.case.model.UniformInit"
         assert set(cfg.attack) == {"dlg", "idlg"} and cfg.attack.idlg.label_strategy.rule == "weight_sum"
-        assert cfg.attack.dlg.label_strategy._target_ == "lightning_idlg.labels.LearnedLabel"
+        assert cfg.attack.dlg.label_strategy._target_ == "lightning_idlg.attacks.labels.LearnedLabel"
         assert (cfg.client.batch_size, cfg.client.reduction, dict(cfg.defense)) == (1, "mean", {})
         assert set(cfg_of(f"experiment={name}", "method=dlg").attack) == {"dlg"}  # a preset with one method
         opt = cfg.optimizer
@@ -124,7 +124,7 @@ def test_reliable_presets_are_the_improved_ones_with_more_patience_late_restarts
         # MNIST's misses are speckled backgrounds that match the gradient as closely as right answers, LFW's
         # slowest trials need more steps and its one stalled face a prior: a faint total variation on both
         weight = {"paper_mnist": 3e-8, "paper_cifar100": None, "paper_lfw": 1e-8}[name]
-        prior = {"tv": {"_target_": "lightning_idlg.regularizers.TotalVariation", "weight": weight}} if weight else {}
+        prior = {"tv": {"_target_": "lightning_idlg.attacks.regularizers.TotalVariation", "weight": weight}} if weight else {}
         assert OmegaConf.to_container(reliable.regularizers) == prior
         assert all(OmegaConf.to_container(a.regularizers) == prior for a in reliable.attack.values())
         assert reliable.tolerance == (None if name == "paper_mnist" else 1e-6)
@@ -144,7 +144,7 @@ def test_keep_selects_the_iterate_every_attack_of_the_run_returns():
 def test_restarts_redraw_a_diverged_trial_and_are_recorded(tmp_path):
     """divergence_bound 0.5: every N(0, 1) dummy 'diverges' at once, so each trial uses all its restarts,
     each from the next draw of its own seed, and ends diverged."""
-    from lightning_idlg.dummy import GaussianDummy
+    from lightning_idlg.attacks.dummy import GaussianDummy
 
     run(cfg_of("method=idlg", "trials=2", "steps=5", "restarts=2", "attack.idlg.stopping.divergence_bound=0.5",
                "dataset.image_size=16", "pictures=false", "progress_trials=0"), tmp_path)
@@ -205,7 +205,7 @@ def test_entry_point_writes_the_documented_outputs(tmp_path):
 def test_module_entry_point_and_console_script_are_the_same_app(tmp_path):
     result = app("--help", cwd=tmp_path)
     assert result.returncode == 0 and "lightning-idlg is powered by Hydra" in result.stdout
-    assert "_target_: lightning_idlg.data.digits" in result.stdout
+    assert "_target_: lightning_idlg.case.dataset.digits" in result.stdout
     script = Path(sys.executable).with_name("lightning-idlg")
     assert script.exists()
 
@@ -288,7 +288,7 @@ def test_the_attack_sees_only_the_shared_gradient():
     assert "PrivateBatch" not in vars(attack_module)
     cfg = cfg_of("trials=2", "dataset.image_size=16")
     from hydra.utils import instantiate
-    from lightning_idlg.experiment import plan_trials
+    from lightning_idlg.run.experiment import plan_trials
     dataset = instantiate(cfg.dataset)
     private, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
     with pytest.raises(TypeError, match="SharedGradient"):
@@ -304,7 +304,7 @@ def test_the_attack_factors_a_rank_one_head_gradient():
     """One sample's output-layer gradient is an outer product: the attack compares against its factors
     (objective.py); a gradient that is not rank one (here: noised) is compared against as shared."""
     from hydra.utils import instantiate
-    from lightning_idlg.experiment import plan_trials
+    from lightning_idlg.run.experiment import plan_trials
     cfg = cfg_of("trials=2", "dataset.image_size=16")
     dataset = instantiate(cfg.dataset)
     _, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
@@ -321,7 +321,7 @@ def test_the_attack_gathers_the_evaluated_rows_once_per_set():
     """objective(rows) for a subset copies those trials' weights and targets once and keeps the last two
     sets (attack._held_rows); all rows are views. D is the same as for the whole batch."""
     from hydra.utils import instantiate
-    from lightning_idlg.experiment import plan_trials
+    from lightning_idlg.run.experiment import plan_trials
     cfg = cfg_of("trials=3", "dataset.image_size=16")
     _, shared, _ = prepare_batch(cfg, instantiate(cfg.dataset), plan_trials(cfg, 3))
     attack = attack_of(shared)

@@ -1,4 +1,4 @@
-"""Continuous batching (continuous_batching=true, lightning_idlg.continuous): K slots refilled as trials end.
+"""Continuous batching (continuous_batching=true, lightning_idlg.run.continuous): K slots refilled as trials end.
 
 A trial's record must be the one it gets alone (float64, where batched kernels round alike), every trial is
 recorded once, resume completes a run, slots are actually refilled, and memory is per slot, not per trial."""
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from lightning_idlg import experiment
-from lightning_idlg.inversion import GradientInversion
-from lightning_idlg.results import read_records
+from lightning_idlg.run import experiment
+from lightning_idlg.attacks.inversion import GradientInversion
+from lightning_idlg.records.store import read_records
 
 TINY = ["dataset=digits", "dataset.image_size=8", "progress_bar=false", "pictures=false", "threads=1"]
 FLOAT64 = ["trainer.precision=64-true"]
@@ -106,7 +106,7 @@ def test_continuous_batching_must_be_a_boolean(tmp_path):
 def test_a_checkpoint_stays_one_network_through_refills(tmp_path, monkeypatch, one_thread):
     import torch
 
-    from lightning_idlg.victim import LeNet, make_victim
+    from lightning_idlg.case.model import LeNet, make_victim
 
     net = make_victim(LeNet, in_channels=1, image_size=8, num_classes=10, seed=5)
     torch.save(net.state_dict(), tmp_path / "victim.pt")

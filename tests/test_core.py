@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from lightning_idlg import metrics
-from lightning_idlg.client import Client, PrivateBatch, stack_victims
-from lightning_idlg.defenses import DPSGD, compose as chain
+from lightning_idlg.records import metrics
+from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
+from lightning_idlg.case.defense import DPSGD, compose as chain
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import plan_trials, prepare_batch, run
-from lightning_idlg.objective import BatchedDistance
-from lightning_idlg.victim import LeNet, make_victim
+from lightning_idlg.run.experiment import plan_trials, prepare_batch, run
+from lightning_idlg.attacks.objective import BatchedDistance
+from lightning_idlg.case.model import LeNet, make_victim
 from tests.toys import bn_victims
 from tests import cli
 

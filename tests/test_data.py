@@ -1,4 +1,4 @@
-"""lightning_idlg.data: every loader on real files written here in the official formats (no network, no
+"""lightning_idlg.case.dataset: every loader on real files written here in the official formats (no network, no
 ../shared), the built-in digits/faces, pick_trials, the one-line missing-data errors, and the dataset configs."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lightning_idlg import data as D
+from lightning_idlg.case import dataset as D
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 RNG = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def test_lfw_labels_index_the_names_file_in_parent(tmp_path):
 def test_lfw_without_names_falls_back_to_folders(tmp_path, caplog):
     write_lfw(tmp_path)
     (tmp_path / "lfw-names.txt").unlink()
-    with caplog.at_level(logging.WARNING, logger="lightning_idlg.data"):
+    with caplog.at_level(logging.WARNING, logger="lightning_idlg.case.dataset"):
         ds = D.lfw(root=str(tmp_path / "lfw"))
     assert ds.num_classes == 3 and "lfw-names.txt" in caplog.text
     assert sorted(ds[i][1] for i in range(len(ds))) == [0, 1, 2, 2]  # AJ_Cook, Ben_Affleck, Zoe_Ball

@@ -1,4 +1,4 @@
-"""Client-side defenses (lightning_idlg.defenses) do what their docstrings say, in numbers.
+"""Client-side defenses (lightning_idlg.case.defense) do what their docstrings say, in numbers.
 
 Every option of configs/defense instantiates and keeps shapes and dtypes; the noise has the set variance
 (and Laplace its kurtosis of 6); trials are independent and reproducible from their seeds; pruning,
@@ -19,7 +19,7 @@ from hydra import initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from lightning_idlg.defenses import (DPSGD, Chain, Defense, GaussianNoise, Half, Int8, LaplaceNoise, NoDefense,
+from lightning_idlg.case.defense import (DPSGD, Chain, Defense, GaussianNoise, Half, Int8, LaplaceNoise, NoDefense,
                                      NormClip, Prune, TopK, compose, utility)
 from lightning_idlg.errors import ConfigError
 

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import validate
+from lightning_idlg.run.experiment import validate
 
 BASE = ["steps=2", "threads=1", "progress_bar=false", "pictures=false", "progress_trials=0"]
 TESTS = Path(__file__).resolve().parent

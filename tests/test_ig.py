@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import total_variation
 
-from lightning_idlg.client import Client, PrivateBatch, stack_victims
+from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.inversion import GradientInversion
-from lightning_idlg.labels import AnalyticLabel
-from lightning_idlg.objective import CosineSimilarity, layer_weights
-from lightning_idlg.optim import BatchedAdam
-from lightning_idlg.regularizers import BatchNormPrior, TotalVariation
-from lightning_idlg.stopping import Stopping
-from lightning_idlg.victim import LeNet, make_victim
+from lightning_idlg.attacks.inversion import GradientInversion
+from lightning_idlg.attacks.labels import AnalyticLabel
+from lightning_idlg.attacks.objective import CosineSimilarity, layer_weights
+from lightning_idlg.attacks.optimizer import BatchedAdam
+from lightning_idlg.attacks.regularizers import BatchNormPrior, TotalVariation
+from lightning_idlg.attacks.stopping import Stopping
+from lightning_idlg.case.model import LeNet, make_victim
 from tests.test_core import app, cfg_of
 from tests.test_objective import CLASSES, K, SIDE, _setup
 from tests.toys import bn_victims
@@ -293,7 +293,7 @@ def test_ig_and_the_batchnorm_prior_run_end_to_end(tmp_path):
 def test_one_network_for_all_trials_enters_unbatched_with_the_same_numbers(objective):
     """A checkpoint's weights are one tensor viewed K times (stride 0); D takes them unbatched (one
     convolution over all trials' inputs) and must equal D over K materialized copies."""
-    from lightning_idlg.objective import SquaredL2
+    from lightning_idlg.attacks.objective import SquaredL2
     net = make_victim(LeNet, in_channels=3, image_size=SIDE, num_classes=CLASSES, seed=3).double()
     one = {n: p.detach()[None].expand(K, *p.shape) for n, p in net.named_parameters()}
     copies = {n: t.clone() for n, t in one.items()}
@@ -312,12 +312,12 @@ def test_one_network_for_all_trials_enters_unbatched_with_the_same_numbers(objec
 
 def test_a_single_trial_takes_the_unbatched_route_with_the_plain_gradient():
     """K = 1 never goes through vmap's batched-weight route (a ConvNet's weight gradient came out 2.8% off
-    there for one CIFAR-100 image, lightning_idlg.client.over_trials): the client's gradient of one trial is
+    there for one CIFAR-100 image, lightning_idlg.case.client.over_trials): the client's gradient of one trial is
     torch.func.grad's without vmap, to the bit."""
     from torch.func import grad
 
-    from lightning_idlg.architectures import ConvNet
-    from lightning_idlg.client import batch_loss, functional_victim
+    from lightning_idlg.case.architectures import ConvNet
+    from lightning_idlg.case.client import batch_loss, functional_victim
 
     net = make_victim(partial(ConvNet, width=4), in_channels=3, image_size=12, num_classes=5, seed=1)
     weights, buffers = stack_victims([net])

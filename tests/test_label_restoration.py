@@ -1,5 +1,5 @@
-"""Batch label restoration (lightning_idlg.labels: Yin, LLG, LLGPlus, BiasCorrected), its scores
-(lightning_idlg.label_metrics) and the experiment (lightning-idlg-labels).
+"""Batch label restoration (lightning_idlg.attacks.labels: Yin, LLG, LLGPlus, BiasCorrected), its scores
+(lightning_idlg.records.label_metrics) and the experiment (lightning-idlg-labels).
 
 Exactness: each strategy restores every client's label multiset where its paper says it should, checked
 through the real pipeline: 200 LeNet victims per case with PyTorch's default init (untrained networks,
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_idlg import labels as L
-from lightning_idlg.client import Client, PrivateBatch, stack_victims
+from lightning_idlg.attacks import labels as L
+from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.label_metrics import count_accuracy, exact_multiset, instance_accuracy, label_counts, score
+from lightning_idlg.records.label_metrics import count_accuracy, exact_multiset, instance_accuracy, label_counts, score
 from lightning_idlg.label_restoration import COLUMNS, draw_clients
-from lightning_idlg.victim import DefaultInit, LeNet, UniformInit, make_victim
+from lightning_idlg.case.model import DefaultInit, LeNet, UniformInit, make_victim
 from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def test_cli_resnet_from_a_checkpoint(tmp_path):
     """A trained-victim run (model=resnet20, model/init=checkpoint): one saved network for every client; its
     rows name the depth and the checkpoint, its tables say `trained`. The head has a bias and its input
     (after ReLU and average pooling) is >= 0: at B = 1 every strategy is exact."""
-    from lightning_idlg.architectures import ResNet
+    from lightning_idlg.case.architectures import ResNet
 
     checkpoint = tmp_path / "resnet8.pt"
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_cli_bad_label_mode_one_line(tmp_path):
 @pytest.mark.slow
 def test_batch_strategy_in_an_attack(tmp_path):
     """Yin as iDLG's label strategy for clients of 2 samples: the attack runs 2 steps end to end."""
-    done = cli.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "attack.idlg.label_strategy._target_=lightning_idlg.labels.Yin",
+    done = cli.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "attack.idlg.label_strategy._target_=lightning_idlg.attacks.labels.Yin",
                     "~attack.idlg.label_strategy.rule", "client.batch_size=2", "steps=2", "trials=2",
                     "pictures=false", "progress_bar=false", f"hydra.run.dir={tmp_path}"],
                    capture_output=True, text=True, cwd=ROOT, timeout=180)

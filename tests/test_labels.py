@@ -1,4 +1,4 @@
-"""iDLG label extraction (lightning_idlg.labels.extract_label) is exact where the paper says it is.
+"""iDLG label extraction (lightning_idlg.attacks.labels.extract_label) is exact where the paper says it is.
 
 Bulk: for a last layer y = W a + b (W, b ~ U(-0.5, 0.5), the paper's init) on features a = act(z),
 z ~ N(0, 2^2), and a random label, the true cross-entropy gradient of the batch-size-1 loss (autograd,
@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
 
-from lightning_idlg.client import PrivateBatch, share_gradient, stack_victims
-from lightning_idlg.labels import LABEL_RULES, extract_label
-from lightning_idlg.victim import LeNet, make_victim, output_layer
+from lightning_idlg.case.client import PrivateBatch, share_gradient, stack_victims
+from lightning_idlg.attacks.labels import LABEL_RULES, extract_label
+from lightning_idlg.case.model import LeNet, make_victim, output_layer
 
 ACT = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}
 RULES = {"sigmoid": ("bias", "weight_sum", "inner_product"),

@@ -1,4 +1,4 @@
-"""The defense section of the report (lightning_idlg.leakage) on hand-made records: rows, the rule that
+"""The defense section of the report (lightning_idlg.report.defenses) on hand-made records: rows, the rule that
 decides whether a leak stopped, the DLG paper's claims, no pooling of unlike configs, the figure."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_idlg.leakage import defense_point, leakage_rows, markdown_section, plot_leakage, verdicts
+from lightning_idlg.report.defenses import defense_point, leakage_rows, markdown_section, plot_leakage, verdicts
 from lightning_idlg.report import Run
 
 

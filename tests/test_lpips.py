@@ -20,12 +20,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from lightning_idlg import metrics
-from lightning_idlg.client import PrivateBatch
+from lightning_idlg.records import metrics
+from lightning_idlg.case.client import PrivateBatch
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import Trial, evaluate
-from lightning_idlg.inversion import AttackResult
-from lightning_idlg.results import summarize
+from lightning_idlg.run.experiment import Trial, evaluate
+from lightning_idlg.attacks.inversion import AttackResult
+from lightning_idlg.records.store import summarize
 from tests import cli
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -163,14 +163,14 @@ def test_a_tiny_run_records_lpips_and_its_median(tmp_path, torch_home):
 
 def test_the_option_off_leaves_the_fingerprint_of_older_run_dirs_unchanged():
     """Run dirs recorded before `metrics` existed still resume with metrics.lpips=false (the default)."""
-    from lightning_idlg.rundir import settings
+    from lightning_idlg.records.rundir import settings
 
     off, on = settings(_cfg(), "idlg", 10), settings(_cfg("metrics.lpips=vgg"), "idlg", 10)
     assert "metrics.lpips" not in off and on.pop("metrics.lpips") == "vgg" and on == off
 
 
 def test_median_lpips_is_a_metric_name_only_where_the_run_records_it():
-    from lightning_idlg.tracking import metric_names
+    from lightning_idlg.run.tracking import metric_names
 
     assert "idlg/median_lpips" in metric_names(["idlg"], lpips=True)
     assert "idlg/median_lpips" not in metric_names(["idlg"]) and "idlg/median_ssim" in metric_names(["idlg"])

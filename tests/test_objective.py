@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_idlg.client import soft_cross_entropy, stack_victims
-from lightning_idlg import objective
-from lightning_idlg.objective import BatchedDistance, gradient_distance, rank_one_factors, split_head
-from lightning_idlg.victim import MLP, LeNet, make_victim
+from lightning_idlg.case.client import soft_cross_entropy, stack_victims
+from lightning_idlg.attacks import objective
+from lightning_idlg.attacks.objective import BatchedDistance, gradient_distance, rank_one_factors, split_head
+from lightning_idlg.case.model import MLP, LeNet, make_victim
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

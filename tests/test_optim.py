@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_idlg.client import PrivateBatch, share_gradient, stack_victims
-from lightning_idlg.objective import BatchedDistance
-from lightning_idlg.optim import BatchedAdam, BatchedLBFGS
-from lightning_idlg.victim import LeNet, make_victim
+from lightning_idlg.case.client import PrivateBatch, share_gradient, stack_victims
+from lightning_idlg.attacks.objective import BatchedDistance
+from lightning_idlg.attacks.optimizer import BatchedAdam, BatchedLBFGS
+from lightning_idlg.case.model import LeNet, make_victim
 
 DT = torch.float64
 MAX_ITER = 20

@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 from hydra import compose, initialize_config_module
 
-from lightning_idlg import experiment
+from lightning_idlg.run import experiment
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.experiment import Trial, merge_rank_files, start_method, trials_per_group, world_size
-from lightning_idlg.results import read_records
+from lightning_idlg.run.experiment import Trial, merge_rank_files, start_method, trials_per_group, world_size
+from lightning_idlg.records.store import read_records
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "threads=1"]
 # what two runs of the same trials may differ in: timing, and how the trials were batched

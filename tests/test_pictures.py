@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_idlg.pictures import (LAYOUT_KEY, LAYOUT_VALUE, MAX_SNAPSHOTS, Outcome, progress_canvas,
+from lightning_idlg.run.pictures import (LAYOUT_KEY, LAYOUT_VALUE, MAX_SNAPSHOTS, Outcome, progress_canvas,
                                      progress_snapshots, to_uint8, trial_canvas)
 
 

@@ -26,9 +26,9 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lightning_idlg import attack
-from lightning_idlg.data import digits
-from lightning_idlg.experiment import derive_seed, plan_trials, run
-from lightning_idlg.victim import make_victim
+from lightning_idlg.case.dataset import digits
+from lightning_idlg.run.experiment import derive_seed, plan_trials, run
+from lightning_idlg.case.model import make_victim
 from tests import reference
 from tests.regression import COMMON, PAPER, write_folder
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from lightning_idlg import paper
-from lightning_idlg.metrics import fidelity
+from lightning_idlg.records import paper
+from lightning_idlg.records.metrics import fidelity
 from lightning_idlg.report import main, protocol, write_report
-from lightning_idlg.results import read_records, summarize
+from lightning_idlg.records.store import read_records, summarize
 
 
 def record(method, index, mse, *, correct=True, status="converged", steps=10, evaluations=200, psnr=30.0,
@@ -227,17 +227,17 @@ def test_protocol_of_a_config():
     assert paper.protocol_of({**PAPER_CONFIG, "keep": "best"}) == ("custom", {"keep": "best"})
     assert paper.protocol_of({**IMPROVED_CONFIG, "restart_distance": 1e-5}) == ("improved", {"restart_distance": 1e-5})
     # paper_mnist_reliable also has a total-variation prior and no tolerance: still "reliable" on MNIST only
-    mnist = {**reliable, "dataset": {"_target_": "lightning_idlg.data.mnist"}, "tolerance": None,
-             "regularizers": {"tv": {"_target_": "lightning_idlg.regularizers.TotalVariation", "weight": 3e-8}}}
+    mnist = {**reliable, "dataset": {"_target_": "lightning_idlg.case.dataset.mnist"}, "tolerance": None,
+             "regularizers": {"tv": {"_target_": "lightning_idlg.attacks.regularizers.TotalVariation", "weight": 3e-8}}}
     assert paper.protocol_of(mnist) == ("reliable", {})
     assert paper.protocol_of({**mnist, "regularizers": {}}) == ("reliable", {"regularizers.tv.weight": None})
-    assert paper.protocol_of({**mnist, "dataset": {"_target_": "lightning_idlg.data.cifar100"}}) == (
+    assert paper.protocol_of({**mnist, "dataset": {"_target_": "lightning_idlg.case.dataset.cifar100"}}) == (
         "reliable", {"tolerance": None, "regularizers.tv.weight": 3e-8})
     assert paper.protocol_of({**PAPER_CONFIG, "regularizers": mnist["regularizers"]}) == (
         "custom", {"regularizers.tv.weight": 3e-8})
     # paper_lfw_reliable: 600 steps and a fainter prior; the old LFW preset (300 steps, no prior) differs in both
-    lfw = {**reliable, "dataset": {"_target_": "lightning_idlg.data.lfw"}, "steps": 600,
-           "regularizers": {"tv": {"_target_": "lightning_idlg.regularizers.TotalVariation", "weight": 1e-8}}}
+    lfw = {**reliable, "dataset": {"_target_": "lightning_idlg.case.dataset.lfw"}, "steps": 600,
+           "regularizers": {"tv": {"_target_": "lightning_idlg.attacks.regularizers.TotalVariation", "weight": 1e-8}}}
     assert paper.protocol_of(lfw) == ("reliable", {})
     assert paper.protocol_of({**lfw, "steps": 300, "regularizers": {}}) == (
         "reliable", {"steps": 300, "regularizers.tv.weight": None})
@@ -247,7 +247,7 @@ def test_the_paper_command_names_the_run_data_set():
     """A variant on LFW or CIFAR-100 points to that data set's paper preset; a built-in one to MNIST's."""
     for loader, name in [("lfw", "lfw"), ("cifar100", "cifar100"), ("mnist", "mnist"), ("digits", "mnist"),
                          ("image_folder", "mnist")]:
-        config = {"dataset": {"_target_": f"lightning_idlg.data.{loader}"}}
+        config = {"dataset": {"_target_": f"lightning_idlg.case.dataset.{loader}"}}
         assert paper.paper_command(config) == f"lightning-idlg experiment=paper_{name} dataset.root=/path/to/{name}"
     assert paper.paper_command({}) == "lightning-idlg experiment=paper_mnist dataset.root=/path/to/mnist"
 
@@ -412,7 +412,7 @@ def test_a_paper_preset_run_alone_is_never_compared_when_short(tmp_path):
 
 
 def test_labelled_strips_are_copied_as_they_are(tmp_path):
-    from lightning_idlg.pictures import LAYOUT_KEY, LAYOUT_VALUE
+    from lightning_idlg.run.pictures import LAYOUT_KEY, LAYOUT_VALUE
     from PIL import PngImagePlugin
 
     run = write_run(tmp_path / "run", MNIST, progress=(2, 4, 28))   # geometry a plain strip would have
@@ -426,8 +426,8 @@ def test_labelled_strips_are_copied_as_they_are(tmp_path):
 
 
 # -- attack x victim x checkpoint -----------------------------------------------------------------------
-LENET = {"_target_": "lightning_idlg.victim.LeNet", "_partial_": True, "activation": "sigmoid", "width": 12}
-UNIFORM = {"_target_": "lightning_idlg.victim.UniformInit", "scale": 0.5}
+LENET = {"_target_": "lightning_idlg.case.model.LeNet", "_partial_": True, "activation": "sigmoid", "width": 12}
+UNIFORM = {"_target_": "lightning_idlg.case.model.UniformInit", "scale": 0.5}
 
 
 def victim_config(seed, factory=LENET, init=UNIFORM):
@@ -453,13 +453,13 @@ def test_victim_table_groups_by_attack_victim_and_checkpoint(tmp_path):
               config=victim_config(1))
     # the same LeNet from a saved checkpoint, iDLG, no LPIPS recorded: PSNR 10, 14 -> 12; SSIM 0.2, 0.4 -> 0.3
     write_run(tmp_path / "b", [record("idlg", 0, 1e-2, psnr=10.0, ssim=0.2), record("idlg", 1, 1e-5, psnr=14.0, ssim=0.4)],
-              config=victim_config(0, init={"_target_": "lightning_idlg.victim.CheckpointInit",
+              config=victim_config(0, init={"_target_": "lightning_idlg.case.model.CheckpointInit",
                                             "path": "/models/lenet_trained.pt"}))
     # an own victim (model=custom) with PyTorch's init, LPIPS on one trial of two
-    resnet = {"_target_": "lightning_idlg.victim.custom", "_partial_": True, "target": "zoo.ResNet20", "depth": 20}
+    resnet = {"_target_": "lightning_idlg.case.model.custom", "_partial_": True, "target": "zoo.ResNet20", "depth": 20}
     write_run(tmp_path / "c", [with_lpips(record("dlg", 0, 0.5, psnr=9.0, ssim=0.1), 0.7),
                                record("dlg", 1, 0.2, psnr=13.0, ssim=0.3)],
-              config=victim_config(0, factory=resnet, init={"_target_": "lightning_idlg.victim.DefaultInit"}))
+              config=victim_config(0, factory=resnet, init={"_target_": "lightning_idlg.case.model.DefaultInit"}))
     out = write_report([tmp_path], tmp_path / "report")
     rows = {(r["attack"], r["victim"], r["checkpoint"]): r for r in csv_rows(tmp_path / "report" / "victims.csv")}
     assert set(rows) == {("dlg", "LeNet (activation=sigmoid, width=12)", "uniform (scale=0.5)"),

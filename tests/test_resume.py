@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from lightning_idlg import experiment
-from lightning_idlg.results import read_records
+from lightning_idlg.run import experiment
+from lightning_idlg.records.store import read_records
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "pictures=false", "threads=1"]
 
@@ -145,7 +145,7 @@ def test_nothing_of_a_finished_batch_stays_in_memory(tmp_path, monkeypatch):
     the next batch starts: memory does not grow with the number of trials."""
     import weakref
 
-    from lightning_idlg.inversion import GradientInversion
+    from lightning_idlg.attacks.inversion import GradientInversion
 
     modules: list[weakref.ref] = []
     alive_at_batch_start: list[int] = []

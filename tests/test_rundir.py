@@ -17,9 +17,11 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_module
 
-from lightning_idlg import experiment, report
-from lightning_idlg.results import dumps, read_records, unique
-from lightning_idlg.rundir import EXCLUDE, settings
+from lightning_idlg import report
+
+from lightning_idlg.run import experiment
+from lightning_idlg.records.store import dumps, read_records, unique
+from lightning_idlg.records.rundir import EXCLUDE, settings
 from tests import cli
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=2", "threads=1", "progress_bar=false", "pictures=false",
@@ -80,7 +82,7 @@ def test_a_second_run_into_a_busy_dir_stops_at_once_and_the_first_completes(tmp_
 
 def test_the_lock_dies_with_its_process(tmp_path):
     """A holder killed by SIGKILL leaves .lock behind, but not the lock: the next run takes it."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lightning_idlg.rundir import RunDirLock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lightning_idlg.records.rundir import RunDirLock\n"
                                f"with RunDirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)"],
                               env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                               stdout=subprocess.PIPE, text=True)
@@ -114,8 +116,8 @@ def test_duplicate_lines_are_counted_once_by_the_summary_and_the_report(tmp_path
 # -- fingerprint --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("change,key", [("steps=3", "steps: 2 -> 3"),
-                                         ("dataset=faces", "dataset._target_: 'lightning_idlg.data.digits' -> "
-                                                           "'lightning_idlg.data.faces'")])
+                                         ("dataset=faces", "dataset._target_: 'lightning_idlg.case.dataset.digits' -> "
+                                                           "'lightning_idlg.case.dataset.faces'")])
 def test_a_rerun_with_other_settings_is_refused_and_leaves_the_dir_as_it_was(tmp_path, change, key):
     out = tmp_path / "run"
     assert app(*TINY, "trials=2", "method=idlg", f"hydra.run.dir={out}", cwd=tmp_path).returncode == 0

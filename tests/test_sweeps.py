@@ -15,8 +15,8 @@ import yaml
 from hydra import compose, initialize_config_module
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
-from lightning_idlg import tracking
-from lightning_idlg.experiment import validate
+from lightning_idlg.run import tracking
+from lightning_idlg.run.experiment import validate
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # sweeps 0.3 declares a pydantic-v1 Config: its noise
@@ -82,7 +82,7 @@ def test_sweep_composes_as_hydra_overrides(path, monkeypatch):
             cfg = compose("config", overrides=argv[4:], return_hydra_config=True)
             validate(cfg)
             assert cfg.hydra.run.dir == "outputs/sweeps/sweep1/run1"  # no two runs share a run dir
-            assert cfg.logger._target_ == "lightning_idlg.tracking.WandbTracker"
+            assert cfg.logger._target_ == "lightning_idlg.run.tracking.WandbTracker"
             for key, value in ((k, v["value"]) for k, v in run.config.items()):
                 if key in ("dataset", "optimizer", "experiment", "defense", "client", "model"):  # config groups: the choice took effect
                     assert cfg.hydra.runtime.choices[key] == value
@@ -129,6 +129,6 @@ def test_batch_and_local_step_sweeps_reach_the_client_and_attack():
             if method == "idlg":
                 assert {b for b, _, _ in seen} == {1, 2, 4, 8} and len(seen) == 8
             else:
-                assert cfg.client._target_ == "lightning_idlg.fedavg.FedAvgClient" and cfg.client.local_batch_size is None
-                assert cfg.attack.ig.objective._target_ == "lightning_idlg.fedavg.LocalUpdates"
-                assert seen == {(4, e, "lightning_idlg.labels.BiasCorrected") for e in (1, 5, 10)}
+                assert cfg.client._target_ == "lightning_idlg.case.fedavg.FedAvgClient" and cfg.client.local_batch_size is None
+                assert cfg.attack.ig.objective._target_ == "lightning_idlg.case.fedavg.LocalUpdates"
+                assert seen == {(4, e, "lightning_idlg.attacks.labels.BiasCorrected") for e in (1, 5, 10)}

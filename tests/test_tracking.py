@@ -21,13 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_idlg import tracking
-from lightning_idlg.pictures import GAP, client_panel_canvas, panel_canvas, to_uint8
-from lightning_idlg.results import summarize
+from lightning_idlg.run import tracking
+from lightning_idlg.run.pictures import GAP, client_panel_canvas, panel_canvas, to_uint8
+from lightning_idlg.records.store import summarize
 from tests import cli
 
 def _digits(size: int) -> torch.Tensor:
-    from lightning_idlg.data import digits
+    from lightning_idlg.case.dataset import digits
 
     dataset = digits(image_size=size)
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -211,10 +211,10 @@ def test_spawned_ranks_keep_the_multirun_group(monkeypatch):
     the multirun's group into their config (else rank 0 would log an ungrouped run)."""
     from omegaconf import OmegaConf
 
-    from lightning_idlg.experiment import rank_config
+    from lightning_idlg.run.experiment import rank_config
 
     monkeypatch.setattr(tracking, "multirun_group", lambda: "2026-01-01-12-00-00")
-    cfg = OmegaConf.create({"logger": {"_target_": "lightning_idlg.tracking.WandbTracker", "group": None},
+    cfg = OmegaConf.create({"logger": {"_target_": "lightning_idlg.run.tracking.WandbTracker", "group": None},
                             "trials": "${steps}", "steps": 3})
     plain = rank_config(cfg)
     assert plain.logger.group == "2026-01-01-12-00-00" and plain.trials == 3

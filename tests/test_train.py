@@ -13,10 +13,10 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-from lightning_idlg.architectures import ResNet
+from lightning_idlg.case.architectures import ResNet
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.train import check_settings
-from lightning_idlg.victim import CheckpointInit
+from lightning_idlg.case.model import CheckpointInit
 from tests import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_the_checkpoint_loads_into_an_identical_network_and_is_the_attacked_vict
     loaded = CheckpointInit(str(trained / "final.pt"))(fresh).state_dict()
     assert list(loaded) == list(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     # the app attacks that network
-    from lightning_idlg.experiment import plan_trials, prepare_batch, run as run_attack
+    from lightning_idlg.run.experiment import plan_trials, prepare_batch, run as run_attack
 
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         cfg = compose("config", overrides=[*TINY, "model/init=checkpoint", f"model.init.path={trained / 'epoch_1.pt'}",

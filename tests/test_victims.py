@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from lightning_idlg.architectures import ConvNet, ResNet, ResNet18, copy_by_order
-from lightning_idlg.client import Client, PrivateBatch, stack_victims
+from lightning_idlg.case.architectures import ConvNet, ResNet, ResNet18, copy_by_order
+from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.objective import BatchedDistance
-from lightning_idlg.victim import DefaultInit, make_victim
+from lightning_idlg.attacks.objective import BatchedDistance
+from lightning_idlg.case.model import DefaultInit, make_victim
 from tests.toys import TinyBN
 from tests import cli
 

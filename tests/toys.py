@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_idlg.defenses import Defense
-from lightning_idlg.labels import LabelStrategy
+from lightning_idlg.case.defense import Defense
+from lightning_idlg.attacks.labels import LabelStrategy
 
 
 class SignOnly(Defense):
@@ -63,11 +63,11 @@ def bn_victims(k: int, side: int, classes: int) -> list[nn.Module]:
     batch's, so that eval mode (which reads them) is told apart from train mode."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.victim import make_victim
+    from lightning_idlg.case.model import make_victim
 
     victims = []
     for s in range(k):
-        net = make_victim(TinyBN, instantiate({"_target_": "lightning_idlg.victim.DefaultInit"}),
+        net = make_victim(TinyBN, instantiate({"_target_": "lightning_idlg.case.model.DefaultInit"}),
                           in_channels=1, image_size=side, num_classes=classes, seed=s).double()
         with torch.no_grad():
             net.features[1].running_mean.uniform_(-0.5, 0.5)

@@ -38,9 +38,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
-from lightning_idlg.client import batch_loss, over_trials, soft_cross_entropy
+from lightning_idlg.case.client import batch_loss, over_trials, soft_cross_entropy
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.victim import output_layer
+from lightning_idlg.case.model import output_layer
 
 
 def gradient_distance(dummy_grads: dict[str, torch.Tensor], shared_grads: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -23,8 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from lightning_idlg.metrics import fidelity, median
-from lightning_idlg.rundir import current_stamp
+from lightning_idlg.records.metrics import fidelity, median
+from lightning_idlg.records.rundir import current_stamp
 
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "summary.json"

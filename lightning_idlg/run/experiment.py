@@ -28,19 +28,23 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from lightning_idlg import metrics, paper, tracking
-from lightning_idlg.inversion import AttackResult, GradientInversion
-from lightning_idlg.client import Client, PrivateBatch, share_one_network, stack_victims
-from lightning_idlg.continuous import SlotMonitor, Stream, StreamProgress
-from lightning_idlg.defenses import Defense, compose
-from lightning_idlg.data import pick_trials
+from lightning_idlg.records import metrics
+
+from lightning_idlg.records import paper
+
+from lightning_idlg.run import tracking
+from lightning_idlg.attacks.inversion import AttackResult, GradientInversion
+from lightning_idlg.case.client import Client, PrivateBatch, share_one_network, stack_victims
+from lightning_idlg.run.continuous import SlotMonitor, Stream, StreamProgress
+from lightning_idlg.case.defense import Defense, compose
+from lightning_idlg.case.dataset import pick_trials
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.monitor import AttackProgress, ReconstructionMonitor
-from lightning_idlg.pictures import Outcome, save_progress_strip, save_trial_picture
-from lightning_idlg.results import TrialStore, read_records, write_summary
-from lightning_idlg.rundir import RunDirLock, open_run_dir
-from lightning_idlg.validation import check_image_size, validate_settings
-from lightning_idlg.victim import make_victim
+from lightning_idlg.run.monitor import AttackProgress, ReconstructionMonitor
+from lightning_idlg.run.pictures import Outcome, save_progress_strip, save_trial_picture
+from lightning_idlg.records.store import TrialStore, read_records, write_summary
+from lightning_idlg.records.rundir import RunDirLock, open_run_dir
+from lightning_idlg.run.validation import check_image_size, validate_settings
+from lightning_idlg.case.model import make_victim
 
 log = logging.getLogger(__name__)
 METHOD_ORDER = ("dlg", "idlg")
@@ -319,7 +323,7 @@ def _attack_streams(cfg: DictConfig, run_dir: Path, dataset, batches: list[list[
                     methods: list[str], logger, trainer_args: dict, world: int, progress: Progress, tasks: dict,
                     steps_task, counts: dict, converged: dict, rank: int) -> int:
     """continuous_batching=true: each attack runs this rank's pending trials through K slots, each refilled as
-    its trial ends (lightning_idlg.continuous); returns the logger's step offset."""
+    its trial ends (lightning_idlg.run.continuous); returns the logger's step offset."""
     trials = [t for batch in batches for t in batch]
     slots = max(len(batch) for batch in batches)
     wanted = {t.index: {m for m in methods if (m, t.index) not in done} for t in trials}

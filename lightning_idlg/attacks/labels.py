@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.victim import output_layer
+from lightning_idlg.case.model import output_layer
 
 LABEL_RULES = ("bias", "weight_sum", "inner_product")
 

@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from lightning_idlg.client import Client, batch_loss, over_trials
-from lightning_idlg.defenses import Defense
+from lightning_idlg.case.client import Client, batch_loss, over_trials
+from lightning_idlg.case.defense import Defense
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.objective import LAYER_WEIGHTS, gradient_distance, layer_weights
+from lightning_idlg.attacks.objective import LAYER_WEIGHTS, gradient_distance, layer_weights
 
 INNER_DISTANCES = ("cosine", "squared_l2")
 

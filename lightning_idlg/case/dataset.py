@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import datasets, transforms
 
-from lightning_idlg import safe_pickle
+from lightning_idlg.case import safe_pickle
 from lightning_idlg.errors import ConfigError
 
 log = logging.getLogger(__name__)

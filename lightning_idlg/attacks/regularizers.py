@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call
 from torchmetrics.functional.image import total_variation
 
-from lightning_idlg.client import BatchStatisticsNorm, over_trials
+from lightning_idlg.case.client import BatchStatisticsNorm, over_trials
 from lightning_idlg.errors import ConfigError
 
 

@@ -2,7 +2,7 @@
 
 A client holds B private samples and computes the cross-entropy gradient of the shared model on them
 (loss reduction `mean` over the B samples, as PyTorch's default, or `sum`), applies its defense (noise,
-clipping, pruning, ...; lightning_idlg.defenses) and sends the result. `SharedGradient` is exactly what
+clipping, pruning, ...; lightning_idlg.case.defense) and sends the result. `SharedGradient` is exactly what
 leaves the client (model architecture and weights, which the server already has, the defended gradient,
 and the buffers or the defense's name only where the threat model says the server knows them) and is
 therefore all the attack code ever receives. The private images and labels stay in `PrivateBatch`, used
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-from lightning_idlg.defenses import Chain, Defense, compose, utility
+from lightning_idlg.case.defense import Chain, Defense, compose, utility
 from lightning_idlg.errors import ConfigError
 
 REDUCTIONS = ("mean", "sum")
@@ -41,7 +41,7 @@ class SharedGradient:
     defense: the defense's description where the threat model discloses it (`client.disclose_defense`),
         else None.
     local: a FedAvg client's local training {lr, epochs, local_batch_size, steps} where the threat model
-        discloses it (`client.disclose_local`, lightning_idlg.fedavg), else None (and None for a client that
+        discloses it (`client.disclose_local`, lightning_idlg.case.fedavg), else None (and None for a client that
         shares one gradient).
     """
 

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_idlg.metrics import median
+from lightning_idlg.records.metrics import median
 
 # the parameter that sets each defense's strength (configs/defense/*.yaml); fp16, int8: none
 STRENGTH = {"gaussian": "variance", "laplace": "variance", "prune": "ratio", "topk": "keep", "clip": "max_norm",
@@ -201,7 +201,7 @@ def markdown_section(rows: list[dict], figure: str | None) -> list[str]:
 
 
 def _epsilon(record: dict) -> float | None:
-    from lightning_idlg.defenses import DPSGD
+    from lightning_idlg.case.defense import DPSGD
 
     axes = record.get("axes") or {}
     keys = ("max_grad_norm", "noise_multiplier", "reduction", "sample_rate", "rounds", "delta")
@@ -258,7 +258,7 @@ def by_rows(runs, keys: list[str]) -> list[dict]:
     """One row per data set, value of each key in `keys`, attack and remaining config: trials, fidelity at
     1e-3, median PSNR, label accuracy. A `config` hash tells rows apart whose keys agree but whose other
     settings differ (they are never pooled)."""
-    from lightning_idlg import paper
+    from lightning_idlg.records import paper
 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:

@@ -168,7 +168,7 @@ class CheckpointInit:
 
 def make_victim(factory: Callable[..., nn.Module], init: Callable[[nn.Module], nn.Module] | None = None, *,
                 in_channels: int, image_size: int, num_classes: int, seed: int) -> nn.Module:
-    """A victim network built by `factory` and initialized by `init` (lightning_idlg.victim.UniformInit:
+    """A victim network built by `factory` and initialized by `init` (lightning_idlg.case.model.UniformInit:
     the paper draws a new network for every trial, from `seed`)."""
     init = init if init is not None else UniformInit()
     # CUDA's generator only where CUDA is already in use: asking for it would initialize CUDA, which a CPU

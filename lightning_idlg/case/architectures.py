@@ -13,7 +13,7 @@ in the same state-dict order, under the same names less breaching's container pr
 `model.model.` for ConvNet). So one network's weights move into the other framework's by `copy_by_order`
 (outputs then agree exactly, checked once against breaching in train and eval mode), and the two attack the
 same victim side by side; tests/data/breaching_state_dicts.json holds breaching's state-dict shapes. `width` scales every channel count (1 is the published network); the factories take
-`in_channels`, `image_size` and `num_classes` like `lightning_idlg.victim.LeNet`, so the data set sizes them
+`in_channels`, `image_size` and `num_classes` like `lightning_idlg.case.model.LeNet`, so the data set sizes them
 (configs/model/resnet20.yaml, resnet18.yaml, convnet.yaml).
 """
 

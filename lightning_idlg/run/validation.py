@@ -13,11 +13,11 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.labels import LABEL_RULES
-from lightning_idlg.metrics import check_lpips
-from lightning_idlg.rundir import RESUME_MODES
-from lightning_idlg.stopping import KEEP
-from lightning_idlg.victim import ACTIVATIONS
+from lightning_idlg.attacks.labels import LABEL_RULES
+from lightning_idlg.records.metrics import check_lpips
+from lightning_idlg.records.rundir import RESUME_MODES
+from lightning_idlg.attacks.stopping import KEEP
+from lightning_idlg.case.model import ACTIVATIONS
 
 # SSIM's 11-pixel Gaussian window (torchmetrics' default, metrics.ssim) reflect-pads 5 pixels, which needs
 # images of at least 6 x 6; the victims (LeNet, MLP) take any size >= 1
@@ -115,7 +115,7 @@ def check_image_size(what: str, size) -> None:
 
 def _validate_model(cfg: DictConfig) -> None:
     factory = cfg.model.get("factory") or {}
-    if not str(factory.get("_target_", "")).startswith("lightning_idlg.victim.") or "target" in factory:
+    if not str(factory.get("_target_", "")).startswith("lightning_idlg.case.model.") or "target" in factory:
         factory = {}  # an own model (model=custom, or a _target_ of yours) checks its own arguments
     if "activation" in factory:
         one_of("model.factory.activation", factory.activation, tuple(ACTIVATIONS))

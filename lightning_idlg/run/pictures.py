@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torchvision.transforms.functional import to_pil_image
 
-from lightning_idlg.metrics import _clamped
+from lightning_idlg.records.metrics import _clamped
 
 MIN_SCALE = 4            # upscale at least 4x ...
 MIN_TILE = 96            # ... and to at least ~96 pixels a side (8x8 digits: 12x)

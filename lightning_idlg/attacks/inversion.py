@@ -4,12 +4,12 @@
 attack's parts, and nothing else: the private images and labels never reach it
 (tests/test_app.py::test_the_attack_sees_only_the_shared_gradient). An attack is assembled from parts,
 each a Hydra `_target_` node of configs/attack/<name>.yaml:
-- `dummy`: where x' starts (lightning_idlg.dummy, e.g. N(0, 1) from each trial's seed);
-- `label_strategy`: learned jointly with x' (DLG) or restored from the shared gradient first (iDLG; lightning_idlg.labels);
-- `objective`: the gradient-matching distance D (lightning_idlg.objective, squared L2 with its fast routes);
-- `regularizers`: terms of x' added to D with their weights (lightning_idlg.regularizers; none in DLG/iDLG);
-- `optimizer`: per-trial optimizer factory (lightning_idlg.optim, L-BFGS in the paper);
-- `stopping`: steps, tolerance, patience, restarts, which iterate is kept (lightning_idlg.stopping);
+- `dummy`: where x' starts (lightning_idlg.attacks.dummy, e.g. N(0, 1) from each trial's seed);
+- `label_strategy`: learned jointly with x' (DLG) or restored from the shared gradient first (iDLG; lightning_idlg.attacks.labels);
+- `objective`: the gradient-matching distance D (lightning_idlg.attacks.objective, squared L2 with its fast routes);
+- `regularizers`: terms of x' added to D with their weights (lightning_idlg.attacks.regularizers; none in DLG/iDLG);
+- `optimizer`: per-trial optimizer factory (lightning_idlg.attacks.optimizer, L-BFGS in the paper);
+- `stopping`: steps, tolerance, patience, restarts, which iterate is kept (lightning_idlg.attacks.stopping);
 - `box`: the data's value range (lo, hi); x' is clamped into it after every step (Inverting Gradients), or
   null (DLG, iDLG).
 So DLG and iDLG differ only in their `label_strategy` part, and a new attack is new parts and a YAML file
@@ -22,7 +22,7 @@ L-BFGS step runs up to max_iter evaluations through the closure). A trial stops 
 bound (diverged), or when it is out of steps or patience (not converged); a failed trial restarts from a
 fresh draw of its own seed while it has restarts left; when all K stopped, training stops.
 
-Continuous batching (`refill` and `on_finish`, lightning_idlg.continuous): the K rows are slots. A trial
+Continuous batching (`refill` and `on_finish`, lightning_idlg.run.continuous): the K rows are slots. A trial
 that has stopped for good (no restarts left) is handed to `on_finish` at once, as a one-row AttackResult,
 and its slot takes the next trial from `refill` (its own victim, shared gradient, label, dummy draw,
 optimizer state and stopping counters), so no slot idles while trials are waiting; training stops when
@@ -42,12 +42,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_idlg.client import SharedGradient
-from lightning_idlg.dummy import GaussianDummy
+from lightning_idlg.case.client import SharedGradient
+from lightning_idlg.attacks.dummy import GaussianDummy
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.labels import LabelStrategy
-from lightning_idlg.objective import SquaredL2
-from lightning_idlg.stopping import Stopping
+from lightning_idlg.attacks.labels import LabelStrategy
+from lightning_idlg.attacks.objective import SquaredL2
+from lightning_idlg.attacks.stopping import Stopping
 
 CONVERGED, NOT_CONVERGED, DIVERGED = "converged", "not_converged", "diverged"
 STATUSES = (CONVERGED, NOT_CONVERGED, DIVERGED)
@@ -96,7 +96,7 @@ class GradientInversion(pl.LightningModule):
             raise TypeError("GradientInversion takes a SharedGradient record (what the client shared) only")
         if optimizer is None:
             raise TypeError("GradientInversion needs an optimizer factory, e.g. "
-                            "functools.partial(lightning_idlg.optim.BatchedLBFGS, lr=1.0)")
+                            "functools.partial(lightning_idlg.attacks.optimizer.BatchedLBFGS, lr=1.0)")
         label_strategy.check(shared.batch_size)
         self.automatic_optimization = False  # the closure is ours: it returns one objective per trial
         self.method, self.label_strategy = name, label_strategy
@@ -116,7 +116,7 @@ class GradientInversion(pl.LightningModule):
         self._store("weight", shared.weights)
         self._store("buffer", shared.buffers or {})
         objective = objective if objective is not None else SquaredL2()
-        # an objective that simulates the client's local training (lightning_idlg.fedavg) also reads what the
+        # an objective that simulates the client's local training (lightning_idlg.case.fedavg) also reads what the
         # server knows of it; every other objective is built as before
         extra = {"local": shared.local} if getattr(objective, "uses_local", False) else {}
         self._distance = objective.build(self.model, shared.input_shape, shared.batch_size, shared.reduction, **extra)

@@ -49,10 +49,13 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from PIL import Image
 
-from lightning_idlg import leakage, paper
-from lightning_idlg.metrics import FIDELITY_THRESHOLDS, median
-from lightning_idlg.pictures import LAYOUT_KEY, LAYOUT_VALUE
-from lightning_idlg.results import STATUSES, TRIALS_FILE, read_records, summarize, unique
+from lightning_idlg.report import defenses as leakage
+
+from lightning_idlg.records import paper
+from lightning_idlg.records.moved import modernize
+from lightning_idlg.records.metrics import FIDELITY_THRESHOLDS, median
+from lightning_idlg.run.pictures import LAYOUT_KEY, LAYOUT_VALUE
+from lightning_idlg.records.store import STATUSES, TRIALS_FILE, read_records, summarize, unique
 
 METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
 METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
@@ -176,7 +179,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def _load_run(run_dir: Path) -> Run:
-    config = _read_yaml(run_dir / "config.yaml") or {}
+    config = modernize(_read_yaml(run_dir / "config.yaml") or {})  # a run dir from before modules moved
     overrides = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
     records, duplicates = unique(read_records(run_dir / TRIALS_FILE))  # each (method, index) of a run once
     fallback = str((config.get("dataset") or {}).get("_target_", "unknown")).rsplit(".", 1)[-1]

@@ -34,6 +34,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_idlg.errors import ConfigError
+from lightning_idlg.records.moved import modernize, modernize_config
 
 LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -187,10 +188,12 @@ def open_run_dir(cfg: DictConfig, run_dir: str | Path, dataset_size: int, record
     methods = _attacks(cfg)
     mine = {m: settings(cfg, m, dataset_size) for m in methods}
     book = read_fingerprints(run_dir)
-    known = dict(book.get("methods", {}))
+    known, renamed = _modern_methods(book.get("methods", {}))
+    renamed = {**book.get("renamed", {}), **renamed}
     if not book and recorded and (run_dir / CONFIG_FILE).exists():
         # a run dir from before fingerprints: its config.yaml made its records (the data set's size unknown)
         old = OmegaConf.load(run_dir / CONFIG_FILE)
+        modernize_config(old)
         for m in recorded & set(_attacks(old)):
             theirs = settings(old, m)
             if m in mine and {k: v for k, v in mine[m].items() if k != "dataset.size"} == theirs:
@@ -221,12 +224,27 @@ def open_run_dir(cfg: DictConfig, run_dir: str | Path, dataset_size: int, record
     book = {"methods": known, "current": stamp, "trials": max(int(cfg.trials), before), "excluded": list(EXCLUDE)}
     if forced:
         book["forced"] = forced
+    if renamed:  # records stamped before modules moved carry these fingerprints: old -> new
+        book["renamed"] = renamed
     _write_json(run_dir / FINGERPRINT_FILE, book)
     if write_config:
         _write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     for name, text in (files or {}).items():
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         _write_text(run_dir / name, text)
+
+
+def _modern_methods(methods: dict) -> tuple[dict, dict[str, str]]:
+    """fingerprint.json's `methods` with moved module paths in their settings replaced (records.moved), and
+    old fingerprint -> new for each entry that changed."""
+    known, renamed = {}, {}
+    for m, entry in methods.items():
+        modern = modernize(entry["settings"])
+        if modern != entry["settings"]:
+            entry = {"fingerprint": fingerprint(modern), "settings": modern}
+            renamed[methods[m]["fingerprint"]] = entry["fingerprint"]
+        known[m] = entry
+    return known, renamed
 
 
 def _write_json(path: Path, data) -> None:

@@ -119,7 +119,7 @@ def log_panel(logger: Logger | None, method: str, truth: torch.Tensor, dummy: to
         return
     import wandb
 
-    from lightning_idlg.pictures import panel_canvas
+    from lightning_idlg.run.pictures import panel_canvas
 
     n, attack_step, trials = shown
     canvas = panel_canvas(method, attack_step, truth[:n].cpu(), dummy[:n].detach().cpu(), trials)
@@ -157,8 +157,8 @@ def log_client_panels(logger: Logger | None, method: str, truth: torch.Tensor, d
         return
     import wandb
 
-    from lightning_idlg import metrics
-    from lightning_idlg.pictures import client_panel_canvas
+    from lightning_idlg.records import metrics
+    from lightning_idlg.run.pictures import client_panel_canvas
 
     n, attack_step, trials = shown
     truth, dummy = truth[:n].cpu(), dummy[:n].detach().cpu()
@@ -176,7 +176,7 @@ def log_client_panels(logger: Logger | None, method: str, truth: torch.Tensor, d
 def matched_reconstructions(dummy: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """(K, B, C, H, W) reconstructions reordered so that [k, j] is the one metrics.match assigns to private
     image [k, j]."""
-    from lightning_idlg import metrics
+    from lightning_idlg.records import metrics
 
     order = metrics.match(dummy, truth)
     return dummy[torch.arange(len(dummy))[:, None], order]
@@ -227,7 +227,7 @@ def metric_names(methods, lpips: bool = False) -> list[str]:
     """Every flat name a run of `methods` has in its summary (from a stand-in record per method, so the
     list cannot drift from summarize / flat_summary): lets a bad name fail before the run. `lpips`: the run
     records LPIPS (metrics.lpips), so `M/median_lpips` is one too."""
-    from lightning_idlg.results import summarize
+    from lightning_idlg.records.store import summarize
 
     stand_in = {"label_correct": True, "mse": 0.0, "psnr": 0.0, "ssim": 0.0, "status": "converged", "steps": 1,
                 "evaluations": 1, "seconds": 0.0, **({"lpips": 0.0} if lpips else {})}
@@ -264,7 +264,7 @@ def log_run_results(logger: Logger | None, records: list[dict], summary: dict[st
         return
     import wandb
 
-    from lightning_idlg.results import unique
+    from lightning_idlg.records.store import unique
 
     run = logger.experiment
     run.summary.update(flat)

@@ -4,14 +4,14 @@ Source: Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv
 Table 1 (label accuracy) and Figure 1 (share of trials with MSE below each threshold; read off the plot,
 about +-1 point). 1,000 trials per data set, the reference protocol (untrained sigmoid LeNet, U(-0.5, 0.5)
 weights, L-BFGS lr 1, 300 steps). Values are kept in percent, as printed; the functions return shares in
-[0, 1], the unit of `lightning_idlg.results.summarize`.
+[0, 1], the unit of `lightning_idlg.records.store.summarize`.
 
 Keys are our loader names (a trial record's `dataset` field): the paper has MNIST, CIFAR-100 and LFW only.
 """
 
 from __future__ import annotations
 
-from lightning_idlg.metrics import fidelity as _fidelity
+from lightning_idlg.records.metrics import fidelity as _fidelity
 
 FIDELITY_KEYS = tuple(_fidelity([]))   # "0.01", ..., "0.0001": the keys of summary['fidelity']
 
@@ -49,7 +49,7 @@ def label_accuracy(dataset: str, method: str) -> float | None:
 
 
 def fidelity(dataset: str, method: str) -> dict[str, float] | None:
-    """{"0.01": share, ...} keyed like `lightning_idlg.metrics.fidelity`; None where the paper has none."""
+    """{"0.01": share, ...} keyed like `lightning_idlg.records.metrics.fidelity`; None where the paper has none."""
     percents = FIDELITY_PERCENT.get(dataset, {}).get(method)
     if percents is None:
         return None
@@ -66,7 +66,7 @@ PROTOCOL = {
     "patience": None,
     "restarts": 0,
     "keep": "last",
-    "optimizer._target_": "lightning_idlg.optim.BatchedLBFGS",
+    "optimizer._target_": "lightning_idlg.attacks.optimizer.BatchedLBFGS",
     "optimizer.lr": 1.0,
     "optimizer.max_iter": 20,
     "optimizer.max_eval": None,
@@ -75,14 +75,14 @@ PROTOCOL = {
     "optimizer.tolerance_change": 1e-9,
     "optimizer.line_search_fn": None,
     "attack.idlg.label_strategy.rule": "weight_sum",
-    "attack.dlg.label_strategy._target_": "lightning_idlg.labels.LearnedLabel",
-    "attack.idlg.label_strategy._target_": "lightning_idlg.labels.AnalyticLabel",
-    "attack.dlg.objective._target_": "lightning_idlg.objective.SquaredL2",
-    "attack.idlg.objective._target_": "lightning_idlg.objective.SquaredL2",
-    "model.factory._target_": "lightning_idlg.victim.LeNet",
+    "attack.dlg.label_strategy._target_": "lightning_idlg.attacks.labels.LearnedLabel",
+    "attack.idlg.label_strategy._target_": "lightning_idlg.attacks.labels.AnalyticLabel",
+    "attack.dlg.objective._target_": "lightning_idlg.attacks.objective.SquaredL2",
+    "attack.idlg.objective._target_": "lightning_idlg.attacks.objective.SquaredL2",
+    "model.factory._target_": "lightning_idlg.case.model.LeNet",
     "model.factory.activation": "sigmoid",
     "model.factory.width": 12,
-    "model.init._target_": "lightning_idlg.victim.UniformInit",
+    "model.init._target_": "lightning_idlg.case.model.UniformInit",
     "model.init.scale": 0.5,
     "client.batch_size": 1,
     "client.reduction": "mean",
@@ -98,7 +98,7 @@ RELIABLE = {"patience": 50, "restart_distance": 1e-4, "keep": "best"}
 #: on LFW 600 steps), by the data set's loader
 RELIABLE_MNIST = {"tolerance": None, "regularizers.tv.weight": 3e-8}
 RELIABLE_LFW = {"steps": 600, "regularizers.tv.weight": 1e-8}
-RELIABLE_DATA = {"lightning_idlg.data.mnist": RELIABLE_MNIST, "lightning_idlg.data.lfw": RELIABLE_LFW}
+RELIABLE_DATA = {"lightning_idlg.case.dataset.mnist": RELIABLE_MNIST, "lightning_idlg.case.dataset.lfw": RELIABLE_LFW}
 
 
 def paper_command(config: dict) -> str:

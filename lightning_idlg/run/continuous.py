@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig
 from rich.progress import Progress
 
-from lightning_idlg.client import SharedGradient
-from lightning_idlg.inversion import Arrival, AttackResult
-from lightning_idlg.monitor import AttackProgress, ReconstructionMonitor
+from lightning_idlg.case.client import SharedGradient
+from lightning_idlg.attacks.inversion import Arrival, AttackResult
+from lightning_idlg.run.monitor import AttackProgress, ReconstructionMonitor
 
 
 def stack(shared: list[SharedGradient], one_network: bool) -> SharedGradient:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 
-from lightning_idlg import metrics, tracking
+from lightning_idlg.records import metrics
+
+from lightning_idlg.run import tracking
 
 
 class ReconstructionMonitor(pl.Callback):
