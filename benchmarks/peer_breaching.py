@@ -183,7 +183,7 @@ def batch_comparisons(args) -> list[Comparison]:
                 ["dataset=cifar100", f"method={args.ig_method}", f"model={model}", "client=fedavg",
                  f"client.batch_size={b}", f"client.epochs={t}", f"client.local_batch_size={b}",
                  f"client.lr={args.local_lr}", "client.disclose_local=true",
-                 "attack.ig.objective._target_=lightning_idlg.case.fedavg.LocalUpdates", f"steps={args.fedavg_steps}",
+                 "attack.ig.objective._target_=lightning_idlg.attacks.local_updates.LocalUpdates", f"steps={args.fedavg_steps}",
                  *batch_label_overrides(args), *args.ig_override],
                 # breaching's FedAvg user: T local updates of all B samples at the same lr, disclosed to the server
                 ["case/user=local_updates", f"case.user.num_local_updates={t}",

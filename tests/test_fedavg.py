@@ -17,7 +17,8 @@ from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
 from lightning_idlg.case.defense import DPSGD, GaussianNoise
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.run.experiment import run
-from lightning_idlg.case.fedavg import FedAvgClient, LocalUpdates
+from lightning_idlg.attacks.local_updates import LocalUpdates
+from lightning_idlg.case.fedavg import FedAvgClient
 from lightning_idlg.attacks.objective import CosineSimilarity
 from lightning_idlg.case.model import LeNet, make_victim
 from tests.toys import bn_victims
@@ -173,7 +174,7 @@ def test_bad_settings_fail_in_one_line_naming_what_is_valid():
 def test_ig_with_the_simulating_objective_attacks_a_fedavg_client_end_to_end(tmp_path: Path):
     overrides = ["client=fedavg", "client.batch_size=2", "client.epochs=1", "client.local_batch_size=1",
                  "method=ig", "steps=3", "trials=2", "dataset=digits", "dataset.image_size=8",
-                 "attack.ig.objective._target_=lightning_idlg.case.fedavg.LocalUpdates",
+                 "attack.ig.objective._target_=lightning_idlg.attacks.local_updates.LocalUpdates",
                  "attack.ig.label_strategy._target_=lightning_idlg.attacks.labels.BiasCorrected",
                  "~attack.ig.label_strategy.rule"]
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
@@ -190,7 +191,7 @@ def test_ig_with_the_simulating_objective_attacks_a_fedavg_client_end_to_end(tmp
 def test_dlg_takes_the_simulating_objective_with_its_squared_distance(tmp_path: Path):
     """The README's override for DLG: learned labels pass through the simulated local steps too."""
     overrides = ["client=fedavg", "client.batch_size=2", "client.local_batch_size=1", "method=dlg", "steps=2",
-                 "trials=2", "dataset.image_size=8", "attack.dlg.objective._target_=lightning_idlg.case.fedavg.LocalUpdates",
+                 "trials=2", "dataset.image_size=8", "attack.dlg.objective._target_=lightning_idlg.attacks.local_updates.LocalUpdates",
                  "+attack.dlg.objective.inner=squared_l2"]
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         cfg = compose("config", overrides=["progress_bar=false", "pictures=false", "progress_trials=0", *overrides])

@@ -130,5 +130,5 @@ def test_batch_and_local_step_sweeps_reach_the_client_and_attack():
                 assert {b for b, _, _ in seen} == {1, 2, 4, 8} and len(seen) == 8
             else:
                 assert cfg.client._target_ == "lightning_idlg.case.fedavg.FedAvgClient" and cfg.client.local_batch_size is None
-                assert cfg.attack.ig.objective._target_ == "lightning_idlg.case.fedavg.LocalUpdates"
+                assert cfg.attack.ig.objective._target_ == "lightning_idlg.attacks.local_updates.LocalUpdates"
                 assert seen == {(4, e, "lightning_idlg.attacks.labels.BiasCorrected") for e in (1, 5, 10)}
