@@ -6,7 +6,7 @@
     python benchmarks/evaluation_cost.py --profile prof.txt --trials 32 --data cifar100
 
 The attack is built as the app builds it (the app's Hydra config `experiment=paper_<data> method=idlg`,
-experiment.prepare_batch for the client, the preset's GradientInversion and BatchedLBFGS), on the real
+case.share.prepare_batch for the client, the preset's GradientInversion and BatchedLBFGS), on the real
 images where --data-root holds them (else random images of the same shape: the cost does not depend on
 the pixels). One intra-op thread (torch.set_num_threads(1)): the engine runs one thread per process.
 
@@ -104,11 +104,15 @@ class Variant:
         from omegaconf import OmegaConf
         from hydra.utils import instantiate
 
-        experiment = importlib.import_module(f"{package}.experiment")
+        try:  # this tree's layout (stage folders), or a copy of a commit from before it (flat modules)
+            plan = importlib.import_module(f"{package}.case.plan")
+            share = importlib.import_module(f"{package}.case.share")
+        except ModuleNotFoundError:
+            plan = share = importlib.import_module(f"{package}.experiment")
         cfg = OmegaConf.create(retarget(OmegaConf.to_container(cfg, resolve=True), package))
         cfg.trials = k
-        trials = experiment.plan_trials(cfg, len(dataset))
-        _, shared, _ = experiment.prepare_batch(cfg, dataset, trials)
+        trials = plan.plan_trials(cfg, len(dataset))
+        _, shared, _ = share.prepare_batch(cfg, dataset, trials)
         self.attack = instantiate(cfg.attack.idlg)(shared=shared, name="idlg",
                                                   dummy_seeds=[t.dummy_seed for t in trials], snapshot_every=0,
                                                   snapshot_trials=0, optimizer=instantiate(cfg.optimizer))

@@ -170,7 +170,7 @@ def make_plan(args) -> dict:
     """The N trials: image index, victim seed, dummy seed (the engine's own plan for this seed)."""
     from omegaconf import OmegaConf
 
-    from lightning_idlg.run.experiment import plan_trials
+    from lightning_idlg.case.plan import plan_trials
 
     root = Path(args.data).resolve()
     data = {"name": "cifar100", "root": str(root)} if (root / "test").is_dir() else {"name": "faces", "root": None}

@@ -242,7 +242,11 @@ def write_case(args, comparison: Comparison, path: Path) -> dict:
     (images, labels, checksums) and breaching's overrides for them."""
     from hydra.utils import instantiate
 
-    from lightning_idlg.run.experiment import attack_names, plan_trials, prepare_batch
+    from lightning_idlg.case.plan import plan_trials
+
+    from lightning_idlg.case.share import prepare_batch
+
+    from lightning_idlg.run.experiment import attack_names
 
     cfg = compose(our_overrides(args, comparison))
     [method] = attack_names(cfg)

@@ -8,7 +8,7 @@
 
 `attack` composes the same Hydra config as the command line (`attack=<method>` plus your `overrides`),
 builds the same parts and runs the same `GradientInversion` with the same Lightning Trainer
-(experiment.attack_batch): only where the shared gradient comes from differs. The gradient needs no trial
+(attacks.fit.Attack): only where the shared gradient comes from differs. The gradient needs no trial
 axis; `trials=N` attacks it N times from N different dummy draws.
 """
 
@@ -29,7 +29,8 @@ from lightning_idlg.records import metrics
 from lightning_idlg.case.client import SharedGradient, functional_victim, share_one_network
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.records.moved import modernize_config
-from lightning_idlg.run.experiment import Trial, attack_batch, derive_seed
+from lightning_idlg.attacks.fit import attack_batch
+from lightning_idlg.case.plan import Trial, derive_seed
 from lightning_idlg.case.model import output_layer
 
 
@@ -102,7 +103,7 @@ def attack(model: nn.Module, gradient: Mapping[str, torch.Tensor] | Sequence[tor
     )
     plan = [Trial(i, (), derive_seed(seed, i, 0), derive_seed(seed, i, 1)) for i in range(trials)]
     with _quiet():
-        result, _ = attack_batch(cfg, method, shared, plan, logger=None, step_offset=0, callbacks=[],
+        result, _ = attack_batch(cfg, method, shared, plan, logger=None, callbacks=[],
                                  trainer_args={"enable_progress_bar": False})
     return Reconstruction(result.method, result.dummy, result.predicted_label, result.distance, result.status,
                           result.steps, result.evaluations, result.seconds)
@@ -117,7 +118,7 @@ def show(result: Reconstruction, images: torch.Tensor | None = None, scale: floa
     rows += [(f"{result.method} trial {i}: {result.status[i]}", result.images[i]) for i in range(k)]
     figure, axes = plt.subplots(len(rows), b, figsize=(scale * b, scale * len(rows)), squeeze=False)
     for r, (title, row) in enumerate(rows):
-        for j, image in enumerate(metrics._clamped(row)):
+        for j, image in enumerate(metrics.clamped(row)):
             axes[r, j].imshow(image.permute(1, 2, 0).squeeze(-1), cmap="gray", vmin=0, vmax=1,
                               interpolation="nearest")
             axes[r, j].set_axis_off()

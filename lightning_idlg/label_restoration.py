@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.errors import ConfigError, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"batch_sizes must be a list of positive integers, got {sizes!r}")
     for key in ("clients", "clients_per_group"):
         value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        positive_int(key, value)
     label_modes(cfg.labels)
 
 

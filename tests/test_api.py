@@ -16,7 +16,9 @@ from hydra.utils import instantiate
 
 from lightning_idlg import Reconstruction, attack, show
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.run.experiment import attack_batch, plan_trials, prepare_batch
+from lightning_idlg.attacks.fit import attack_batch
+from lightning_idlg.case.plan import plan_trials
+from lightning_idlg.case.share import prepare_batch
 from tests.toys import TinyNet
 from tests import cli
 
@@ -49,7 +51,7 @@ def test_the_api_and_the_cli_run_the_same_attack():
     dataset = instantiate(cfg.dataset)
     plan = plan_trials(cfg, len(dataset))
     private, shared, _ = prepare_batch(cfg, dataset, plan)
-    cli, _ = attack_batch(cfg, "idlg", shared, plan, None, 0, [])
+    cli, _ = attack_batch(cfg, "idlg", shared, plan, None, [])
     victim = shared.model
     with torch.no_grad():
         for name, p in victim.named_parameters():

@@ -23,7 +23,9 @@ from lightning_idlg.attacks.inversion import GradientInversion
 from lightning_idlg.attacks.labels import LearnedLabel
 from lightning_idlg.attacks.optimizer import BatchedLBFGS
 from lightning_idlg.case.client import PrivateBatch, SharedGradient
-from lightning_idlg.run.experiment import ConfigError, prepare_batch, run
+from lightning_idlg.case.share import prepare_batch
+from lightning_idlg.errors import ConfigError
+from lightning_idlg.run.experiment import run
 from tests import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,7 +46,7 @@ def attack_of(shared: SharedGradient, name: str = "idlg", *overrides: str) -> Gr
 
 def _tiny_shared() -> SharedGradient:
     cfg = cfg_of("trials=2", "dataset.image_size=8")
-    from lightning_idlg.run.experiment import plan_trials
+    from lightning_idlg.case.plan import plan_trials
     dataset = instantiate(cfg.dataset)
     return prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))[1]
 
@@ -76,7 +78,7 @@ def test_every_config_group_option_composes(group, option):
     if group in ("attack", "method"):
         assert set(cfg.attack) == ({"dlg", "idlg"} if option == "both" else {option})
     # every part is instantiated, not only composed
-    from lightning_idlg.run.experiment import make_defense
+    from lightning_idlg.case.share import make_defense
     assert instantiate(cfg.client).batch_size == cfg.client.batch_size
     chain = make_defense(cfg)
     assert chain.describe()["name"] == ("+".join(cfg.defense) or "none")
@@ -288,7 +290,7 @@ def test_the_attack_sees_only_the_shared_gradient():
     assert "PrivateBatch" not in vars(attack_module)
     cfg = cfg_of("trials=2", "dataset.image_size=16")
     from hydra.utils import instantiate
-    from lightning_idlg.run.experiment import plan_trials
+    from lightning_idlg.case.plan import plan_trials
     dataset = instantiate(cfg.dataset)
     private, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
     with pytest.raises(TypeError, match="SharedGradient"):
@@ -304,7 +306,7 @@ def test_the_attack_factors_a_rank_one_head_gradient():
     """One sample's output-layer gradient is an outer product: the attack compares against its factors
     (objective.py); a gradient that is not rank one (here: noised) is compared against as shared."""
     from hydra.utils import instantiate
-    from lightning_idlg.run.experiment import plan_trials
+    from lightning_idlg.case.plan import plan_trials
     cfg = cfg_of("trials=2", "dataset.image_size=16")
     dataset = instantiate(cfg.dataset)
     _, shared, _ = prepare_batch(cfg, dataset, plan_trials(cfg, len(dataset)))
@@ -321,7 +323,7 @@ def test_the_attack_gathers_the_evaluated_rows_once_per_set():
     """objective(rows) for a subset copies those trials' weights and targets once and keeps the last two
     sets (attack._held_rows); all rows are views. D is the same as for the whole batch."""
     from hydra.utils import instantiate
-    from lightning_idlg.run.experiment import plan_trials
+    from lightning_idlg.case.plan import plan_trials
     cfg = cfg_of("trials=3", "dataset.image_size=16")
     _, shared, _ = prepare_batch(cfg, instantiate(cfg.dataset), plan_trials(cfg, 3))
     attack = attack_of(shared)

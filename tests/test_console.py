@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.progress import Progress
 
-from lightning_idlg.run.experiment import print_summary, summary_text
+from lightning_idlg.run.console import print_summary, summary_text
 from lightning_idlg.run.monitor import AttackProgress
 from lightning_idlg.records.store import summarize
 from tests import cli

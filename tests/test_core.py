@@ -19,7 +19,9 @@ from lightning_idlg.records import metrics
 from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
 from lightning_idlg.case.defense import DPSGD, compose as chain
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.run.experiment import plan_trials, prepare_batch, run
+from lightning_idlg.case.plan import plan_trials
+from lightning_idlg.case.share import prepare_batch
+from lightning_idlg.run.experiment import run
 from lightning_idlg.attacks.objective import BatchedDistance
 from lightning_idlg.case.model import LeNet, make_victim
 from tests.toys import bn_victims

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lightning_idlg.case import dataset as D
+from lightning_idlg.case.plan import pick_trials
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
 RNG = np.random.default_rng(0)
@@ -230,15 +231,15 @@ def test_faces_are_skimages_lfw_subset():
 # ------------------------------------------------------------------------------------- trials
 
 def test_pick_trials():
-    first = D.pick_trials(50, 20, seed=3)
-    assert first == D.pick_trials(50, 20, seed=3)  # deterministic
+    first = pick_trials(50, 20, seed=3)
+    assert first == pick_trials(50, 20, seed=3)  # deterministic
     assert len(first) == 20 and len(set(first)) == 20 and all(0 <= i < 50 for i in first)  # no repeats
-    assert first != D.pick_trials(50, 20, seed=4)
-    assert sorted(D.pick_trials(10, 10, seed=0)) == list(range(10))
-    many = D.pick_trials(5, 40, seed=1)  # more trials than images: with replacement
+    assert first != pick_trials(50, 20, seed=4)
+    assert sorted(pick_trials(10, 10, seed=0)) == list(range(10))
+    many = pick_trials(5, 40, seed=1)  # more trials than images: with replacement
     assert len(many) == 40 and len(set(many)) < 40 and all(0 <= i < 5 for i in many)
-    assert many == D.pick_trials(5, 40, seed=1) and many != D.pick_trials(5, 40, seed=2)
-    assert D.pick_trials(5, 0, seed=0) == []
+    assert many == pick_trials(5, 40, seed=1) and many != pick_trials(5, 40, seed=2)
+    assert pick_trials(5, 0, seed=0) == []
 
 
 # ------------------------------------------------------------------------------------- configs

@@ -23,7 +23,8 @@ from hydra import compose, initialize_config_module
 from lightning_idlg.records import metrics
 from lightning_idlg.case.client import PrivateBatch
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.run.experiment import Trial, evaluate
+from lightning_idlg.case.plan import Trial
+from lightning_idlg.records.evaluate import evaluate
 from lightning_idlg.attacks.inversion import AttackResult
 from lightning_idlg.records.store import summarize
 from tests import cli

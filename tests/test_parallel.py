@@ -13,9 +13,11 @@ from collections import Counter
 import pytest
 from hydra import compose, initialize_config_module
 
-from lightning_idlg.run import experiment
+from lightning_idlg.run import experiment, ranks
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.run.experiment import Trial, merge_rank_files, start_method, trials_per_group, world_size
+from lightning_idlg.case.plan import Trial
+from lightning_idlg.records.store import merge_rank_files
+from lightning_idlg.run.ranks import start_method, trials_per_group, world_size
 from lightning_idlg.records.store import read_records
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "threads=1"]
@@ -86,7 +88,7 @@ def test_world_size_and_auto_batch_size():
     assert world_size(cfg_of("trainer=ddp", "trainer.devices=3")) == 3
     assert world_size(cfg_of("trainer=gpu", "trainer.devices=[0,2]")) == 2
     # auto: the CPU constant, but an even share per rank when there are few trials
-    assert trials_per_group(cfg_of(), 1000) == experiment.CPU_TRIALS_PER_GROUP
+    assert trials_per_group(cfg_of(), 1000) == ranks.CPU_TRIALS_PER_GROUP
     assert trials_per_group(cfg_of("trainer=ddp"), 10, world=2) == 5
     assert trials_per_group(cfg_of("trainer=ddp", "trials_per_group=3"), 10, world=2) == 3
 
@@ -117,7 +119,7 @@ def test_merge_rank_files_adds_what_is_missing_once_and_removes_them(tmp_path):
 
 def test_ddp_trainer_alone_runs_one_process_without_ddp(tmp_path):
     # devices=1: no ranks are started and the attack Trainer gets no DDP strategy
-    assert experiment.single_device_args(cfg_of("trainer=ddp", "trainer.devices=1"), None) == {"strategy": "auto"}
+    assert ranks.single_device_args(cfg_of("trainer=ddp", "trainer.devices=1"), None) == {"strategy": "auto"}
     summary = experiment.run(cfg_of("trainer=ddp", "trainer.devices=1", *TINY, "method=idlg", "trials=2",
                                     "pictures=false"), tmp_path)
     assert summary["idlg"]["trials"] == 2

@@ -27,7 +27,8 @@ from hydra.utils import instantiate
 
 from lightning_idlg import attack
 from lightning_idlg.case.dataset import digits
-from lightning_idlg.run.experiment import derive_seed, plan_trials, run
+from lightning_idlg.case.plan import derive_seed, plan_trials
+from lightning_idlg.run.experiment import run
 from lightning_idlg.case.model import make_victim
 from tests import reference
 from tests.regression import COMMON, PAPER, write_folder

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from lightning_idlg.attacks.fit import Attack
 from lightning_idlg.run import experiment
 from lightning_idlg.records.store import read_records
 
@@ -30,13 +31,13 @@ def cfg_of(*overrides: str):
 def attacks(monkeypatch):
     """Counts the trials each attack batch computes, per method."""
     computed: Counter = Counter()
-    real = experiment.attack_batch
+    real = Attack.run
 
-    def counting(cfg, method, shared, batch, *args, **kwargs):
-        computed[method] += len(batch)
-        return real(cfg, method, shared, batch, *args, **kwargs)
+    def counting(self, shared, batch, *args, **kwargs):
+        computed[self.name] += len(batch)
+        return real(self, shared, batch, *args, **kwargs)
 
-    monkeypatch.setattr(experiment, "attack_batch", counting)
+    monkeypatch.setattr(Attack, "run", counting)
     return computed
 
 

@@ -211,7 +211,7 @@ def test_spawned_ranks_keep_the_multirun_group(monkeypatch):
     the multirun's group into their config (else rank 0 would log an ungrouped run)."""
     from omegaconf import OmegaConf
 
-    from lightning_idlg.run.experiment import rank_config
+    from lightning_idlg.run.ranks import rank_config
 
     monkeypatch.setattr(tracking, "multirun_group", lambda: "2026-01-01-12-00-00")
     cfg = OmegaConf.create({"logger": {"_target_": "lightning_idlg.run.tracking.WandbTracker", "group": None},

@@ -66,7 +66,9 @@ def test_the_checkpoint_loads_into_an_identical_network_and_is_the_attacked_vict
     loaded = CheckpointInit(str(trained / "final.pt"))(fresh).state_dict()
     assert list(loaded) == list(state) and all(torch.equal(loaded[k], state[k]) for k in state)
     # the app attacks that network
-    from lightning_idlg.run.experiment import plan_trials, prepare_batch, run as run_attack
+    from lightning_idlg.case.plan import plan_trials
+    from lightning_idlg.case.share import prepare_batch
+    from lightning_idlg.run.experiment import run as run_attack
 
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         cfg = compose("config", overrides=[*TINY, "model/init=checkpoint", f"model.init.path={trained / 'epoch_1.pt'}",

@@ -48,9 +48,8 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.attacks.labels import LabelStrategy
 from lightning_idlg.attacks.objective import SquaredL2
 from lightning_idlg.attacks.stopping import Stopping
+from lightning_idlg.records.schema import CONVERGED, DIVERGED, NOT_CONVERGED
 
-CONVERGED, NOT_CONVERGED, DIVERGED = "converged", "not_converged", "diverged"
-STATUSES = (CONVERGED, NOT_CONVERGED, DIVERGED)
 
 
 @dataclass

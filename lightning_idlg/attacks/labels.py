@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.errors import ConfigError, positive_int
 from lightning_idlg.case.model import output_layer
 
 LABEL_RULES = ("bias", "weight_sum", "inner_product")
@@ -221,8 +221,7 @@ class LLGPlus(LabelStrategy):
     distinct = False
 
     def __init__(self, dummies: int = 64, seed: int = 0):
-        if not isinstance(dummies, int) or isinstance(dummies, bool) or dummies < 1:
-            raise ConfigError(f"LLGPlus.dummies must be a positive integer, got {dummies!r}")
+        positive_int("LLGPlus.dummies", dummies)
         self.dummies, self.seed = dummies, int(seed)
 
     def restore(self, shared) -> torch.Tensor:

@@ -14,10 +14,9 @@ over all its steps and attempts (`best`: Inverting Gradients, breaching).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.errors import ConfigError, is_positive_int, is_positive_number, one_of
 
 
 KEEP = ("last", "best")
@@ -36,35 +35,24 @@ class Stopping:
     restart_when: str = "failed"
 
     def __post_init__(self) -> None:
-        if not _positive_int(self.steps):
+        if not is_positive_int(self.steps):
             raise ConfigError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.tolerance is not None and not _positive_number(self.tolerance):
+        if self.tolerance is not None and not is_positive_number(self.tolerance):
             raise ConfigError(f"tolerance must be null (never stop early) or a number > 0 (the paper: 1e-6), "
                               f"got {self.tolerance!r}")
-        if self.keep not in KEEP:
-            raise ConfigError(f"stopping.keep={self.keep!r} is not known; valid: {', '.join(KEEP)}")
-        if self.restart_when not in RESTART_WHEN:
-            raise ConfigError(f"stopping.restart_when={self.restart_when!r} is not known; valid: "
-                              f"{', '.join(RESTART_WHEN)}")
-        if self.patience is not None and not _positive_int(self.patience):
+        one_of("stopping.keep", self.keep, KEEP)
+        one_of("stopping.restart_when", self.restart_when, RESTART_WHEN)
+        if self.patience is not None and not is_positive_int(self.patience):
             raise ConfigError(f"patience must be null or a positive integer, got {self.patience!r}")
-        if not (_positive_int(self.restarts) or (self.restarts == 0 and isinstance(self.restarts, int)
+        if not (is_positive_int(self.restarts) or (self.restarts == 0 and isinstance(self.restarts, int)
                                                  and not isinstance(self.restarts, bool))):
             raise ConfigError(f"restarts must be a non-negative integer, got {self.restarts!r}")
-        if not _positive_number(self.restart_distance):
+        if not is_positive_number(self.restart_distance):
             raise ConfigError(f"restart_distance must be a number > 0, got {self.restart_distance!r}")
-        if not _positive_number(self.divergence_bound):
+        if not is_positive_number(self.divergence_bound):
             raise ConfigError(f"divergence_bound must be a number > 0, got {self.divergence_bound!r}")
 
     @property
     def max_steps(self) -> int:
         """Steps a group may take: `steps` per attempt, and a restarted trial has `restarts` more attempts."""
         return self.steps * (1 + self.restarts)
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0

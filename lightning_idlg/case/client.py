@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
 from lightning_idlg.case.defense import Chain, Defense, compose, utility
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.errors import ConfigError, one_of, positive_int
 
 REDUCTIONS = ("mean", "sum")
 MODES = ("train", "eval")
@@ -180,12 +180,9 @@ class Client:
 
     def __init__(self, batch_size: int = 1, reduction: str = "mean", mode: str = "train",
                  share_buffers: bool = False, disclose_defense: bool = False):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"client.batch_size must be a positive integer, got {batch_size!r}")
-        if reduction not in REDUCTIONS:
-            raise ConfigError(f"client.reduction={reduction!r} is not known; valid: {', '.join(REDUCTIONS)}")
-        if mode not in MODES:
-            raise ConfigError(f"client.mode={mode!r} is not known; valid: {', '.join(MODES)}")
+        positive_int("client.batch_size", batch_size)
+        one_of("client.reduction", reduction, REDUCTIONS)
+        one_of("client.mode", mode, MODES)
         self.batch_size, self.reduction, self.mode = batch_size, reduction, mode
         self.share_buffers, self.disclose_defense = bool(share_buffers), bool(disclose_defense)
 

@@ -402,12 +402,3 @@ def faces(image_size: int = 32, num_classes: int = 100, root: str | None = None,
 
 # ---------------------------------------------------------------------------------------------- trials
 
-def pick_trials(size: int, trials: int, seed: int) -> list[int]:
-    """The image index of each trial, fixed by `seed`. The paper draws one random image per trial: distinct
-    images (a seeded permutation) while there are enough, otherwise draws with replacement."""
-    if size <= 0 or trials < 0:
-        raise ValueError(f"cannot pick {trials} trials from a data set of {size} images")
-    generator = torch.Generator().manual_seed(int(seed))
-    if trials <= size:
-        return torch.randperm(size, generator=generator)[:trials].tolist()
-    return torch.randint(size, (trials,), generator=generator).tolist()

@@ -24,7 +24,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.errors import ConfigError, positive_int
 
 Gradients = dict[str, Tensor]
 SCOPES = ("tensor", "global")
@@ -155,8 +155,7 @@ class DPSGD(Defense):
         self.reduction = reduction
         self.sample_rate = _number(f"{key}.sample_rate", sample_rate, "a number in (0, 1]",
                                    lambda v: 0 < v <= 1)
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-            raise ConfigError(f"{key}.rounds must be a positive integer, got {rounds!r}")
+        positive_int(f"{key}.rounds", rounds)
         self.rounds = rounds
         self.delta = _number(f"{key}.delta", delta, "a number in (0, 1)", lambda v: 0 < v < 1)
         self._epsilon: float | None = None

@@ -36,7 +36,7 @@ from torch.func import grad
 
 from lightning_idlg.case.client import Client, batch_loss, over_trials
 from lightning_idlg.case.defense import Defense
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.errors import ConfigError, positive_int
 
 def local_batches(batch_size: int, local_batch_size: int) -> list[slice]:
     """One epoch's local batches: consecutive slices of the B samples in their given order (no shuffling)."""
@@ -65,12 +65,6 @@ def local_training(model: nn.Module, reduction: str, lr: float, epochs: int, loc
     return update
 
 
-def _positive_int(key: str, value, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer ({what}), got {value!r}")
-    return value
-
-
 class FedAvgClient(Client):
     """The FedAvg client of one trial, K at once: B private samples -> E epochs of local SGD -> the (defended)
     pseudo-gradient u = (w_0 - w_E) / (lr T) (module docstring: the schedule and why this scale).
@@ -85,7 +79,7 @@ class FedAvgClient(Client):
                  reduction: str = "mean", mode: str = "train", share_buffers: bool = False,
                  disclose_defense: bool = False, disclose_local: bool = True):
         super().__init__(batch_size, reduction, mode, share_buffers, disclose_defense)
-        self.epochs = _positive_int("client.epochs", epochs, "local passes over the client's samples")
+        self.epochs = positive_int("client.epochs", epochs, "local passes over the client's samples")
         local_batch_size = batch_size if local_batch_size is None else local_batch_size
         if not isinstance(local_batch_size, int) or isinstance(local_batch_size, bool) \
                 or not 1 <= local_batch_size <= batch_size:

@@ -40,12 +40,12 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     perfect reconstruction. Written out: torchmetrics' `peak_signal_noise_ratio` takes log(10) in the default
     dtype, float64 inside a 64-true fit (where continuous batching records a trial) and float32 after it, so
     the same reconstruction got two PSNRs 3e-7 apart."""
-    return 10 * torch.log10(1.0 / mse(_clamped(reconstruction, torch.float64), target))
+    return 10 * torch.log10(1.0 / mse(clamped(reconstruction, torch.float64), target))
 
 
 def ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(K,) SSIM (Gaussian window 11, sigma 1.5; torchmetrics defaults) of x' clamped to [0, 1]."""
-    preds = _clamped(reconstruction)
+    preds = clamped(reconstruction)
     return structural_similarity_index_measure(preds, target.float(), data_range=1.0, reduction="none")
 
 
@@ -55,7 +55,7 @@ def lpips(reconstruction: torch.Tensor, target: torch.Tensor, metric) -> torch.T
     [-1, 1]). The images go through `lpips_input` first: grayscale (MNIST, digits) repeated to 3 channels
     and images under 32 x 32 upsampled, since LPIPS' backbones are ImageNet RGB networks. Computed on the
     CPU: the images are small, and evaluation should not hold accelerator memory."""
-    preds = lpips_input(_clamped(reconstruction.detach().cpu()))
+    preds = lpips_input(clamped(reconstruction.detach().cpu()))
     truth = lpips_input(target.detach().cpu().float().clamp(0.0, 1.0))
     metric.reset()
     metric.update(preds, truth)
@@ -116,7 +116,7 @@ def _lpips_metric(net: str, weights: str):
     return LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True)
 
 
-def _clamped(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def clamped(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     # a diverged dummy may hold NaN; clamp does not remove it, nan_to_num maps it to 0 (black)
     return torch.nan_to_num(images.to(dtype), nan=0.0).clamp(0.0, 1.0)
 

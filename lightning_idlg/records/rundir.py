@@ -34,22 +34,13 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lightning_idlg.errors import ConfigError
+from lightning_idlg.records.schema import FINGERPRINT_EXCLUDE
 from lightning_idlg.records.moved import modernize, modernize_config
 
 LOCK_FILE = ".lock"
 FINGERPRINT_FILE = "fingerprint.json"
 CONFIG_FILE = "config.yaml"
-# keys that never change a record: where the run goes and how it shows progress, logs, places and threads its
-# work. `trials` may grow and `method` may gain a method (resume); each method's own settings stay in (see
-# `settings`). trials_per_group and the trainer's device keys change a record only by float32 rounding.
-EXCLUDE = (
-    "hydra", "trials", "resume", "progress_bar", "progress_trials", "snapshot_every", "pictures", "threads",
-    "logger", "optimized_metric", "trials_per_group", "continuous_batching",
-    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-    "trainer.enable_checkpointing", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-    "trainer.num_sanity_val_steps",
-    "dataset.root", "dataset.download",
-)
+EXCLUDE = FINGERPRINT_EXCLUDE  # the keys a fingerprint leaves out (records/schema.py says why)
 RESUME_MODES = ("auto", "force")
 # keys added after run dirs with records existed, with the value that changes no record: at that value they
 # are left out of the settings, so those run dirs still resume (metrics.lpips=alex adds `lpips` to records:

@@ -25,10 +25,9 @@ from typing import Iterable
 
 from lightning_idlg.records.metrics import fidelity, median
 from lightning_idlg.records.rundir import current_stamp
+from lightning_idlg.records.schema import (METHOD_ORDER, RANK_FILE_GLOB, STATUSES, SUMMARY_FILE,
+                                           TRIALS_FILE)
 
-TRIALS_FILE = "trials.jsonl"
-SUMMARY_FILE = "summary.json"
-STATUSES = ("converged", "not_converged", "diverged")
 NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -153,3 +152,57 @@ def finite_or_null(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+
+
+class RankStore(TrialStore):
+    """One rank's records, `trials.rank{rank}.jsonl`, until rank 0 merges them into trials.jsonl."""
+
+    def __init__(self, run_dir: str | Path, rank: int):
+        super().__init__(run_dir)
+        self.path = Path(run_dir) / f"trials.rank{rank}.jsonl"
+
+
+def recorded(run_dir: str | Path) -> set[tuple[str, int]]:
+    """(method, index) pairs on disk, after merging leftover rank files into trials.jsonl (resume)."""
+    merge_rank_files(run_dir)
+    return TrialStore(run_dir).done()
+
+
+def merge_rank_files(run_dir: str | Path) -> int:
+    """Append the records of trials.rank*.jsonl that trials.jsonl lacks (sorted by trial), fsync, then
+    delete the rank files. Safe to repeat: a crash between the append and the delete duplicates nothing.
+    Returns how many records were added."""
+    run_dir = Path(run_dir)
+    store = TrialStore(run_dir)
+    _end_with_newline(store.path)  # a line torn by a crash must not swallow the next record
+    files = sorted(run_dir.glob(RANK_FILE_GLOB))
+    if not files:
+        return 0
+    done = store.done()
+    new = []
+    for path in files:
+        for record in read_records(path):  # a torn last line (killed mid-write) is skipped
+            key = (record["method"], int(record["index"]))
+            if key not in done:
+                done.add(key)
+                new.append(record)
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    new.sort(key=lambda r: (int(r["index"]), order.get(r["method"], len(order))))
+    if new:
+        store.append(new)
+    for path in files:
+        path.unlink()
+    return len(new)
+
+
+def _end_with_newline(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())

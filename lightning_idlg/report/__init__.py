@@ -54,11 +54,10 @@ from lightning_idlg.report import defenses as leakage
 from lightning_idlg.records import paper
 from lightning_idlg.records.moved import modernize
 from lightning_idlg.records.metrics import FIDELITY_THRESHOLDS, median
-from lightning_idlg.run.pictures import LAYOUT_KEY, LAYOUT_VALUE
-from lightning_idlg.records.store import STATUSES, TRIALS_FILE, read_records, summarize, unique
+from lightning_idlg.records.schema import (LAYOUT_KEY, LAYOUT_VALUE, METHOD_NAMES, METHOD_ORDER,
+                                           POOLING_EXCLUDE, STATUSES, TRIALS_FILE)
+from lightning_idlg.records.store import read_records, summarize, unique
 
-METHOD_ORDER = ("dlg", "idlg")           # the order of the rows of a progress strip, too
-METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
 DATASET_ORDER = ("mnist", "cifar100", "lfw", "digits", "faces", "image_folder")
 PROTOCOLS = ("paper", "improved", "reliable", "custom")   # row order within a data set
 FIDELITY_KEYS = paper.FIDELITY_KEYS      # "0.01" ... "0.0001", the keys of summarize()["fidelity"]
@@ -66,15 +65,7 @@ COLORS = {"dlg": "tab:blue", "idlg": "tab:orange"}
 MARKERS = {"dlg": "o", "idlg": "^"}
 # ours by protocol (reliable: dash-dot-dot); the paper's own curves are dashed
 LINES = {"paper": "-", "improved": "-.", "reliable": (0, (5, 1, 1, 1, 1, 1)), "custom": ":"}
-# config keys (and key prefixes) that may differ between pooled runs: which sample of trials (seed, trials),
-# where the data lie, and where and how the run ran and was recorded; everything else changes what a trial
-# measures, so runs that differ in it are never pooled
-PLACEMENT = ("hydra", "seed", "trials", "trials_per_group", "continuous_batching", "threads", "progress_bar",
-             "pictures", "progress_trials", "snapshot_every", "logger", "optimized_metric", "dataset.root",
-             "dataset.download", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-             "trainer.enable_checkpointing", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-             "trainer.num_sanity_val_steps",
-             "metrics")   # evaluation only: adds numbers (metrics.lpips) to records, changes none
+PLACEMENT = POOLING_EXCLUDE  # keys in which pooled runs may differ (records/schema.py says why)
 DASH = "—"
 SUCCESS_MSE = 1e-3   # a trial "succeeds" below this MSE (the threshold the leakage tables use)
 

@@ -1,6 +1,6 @@
 """Continuous batching (`continuous_batching=true`): K slots in flight, each refilled as its trial ends.
 
-A fixed group of K trials (experiment._attack_batches) runs until its slowest trial stops, with fewer and
+A fixed group of K trials (run/experiment.py) runs until its slowest trial stops, with fewer and
 fewer trials per evaluation: on the paper protocol a group's last steps evaluate one or two trials, where a
 step costs about as much as at eight. Here the attack module keeps K slots (GradientInversion's `refill` and
 `on_finish`): a trial that converged, diverged or ran out of steps or patience (and restarts) is evaluated
@@ -12,7 +12,7 @@ Nothing couples the slots, so a trial's record is the one it gets alone, up to f
 batched kernels (tests/test_continuous.py compares with solo runs in float64). Records are appended as trials
 end (a crash loses no finished trial) and resume skips them; a resumed trial runs beside other trials than
 it first did, which changes its record only by that rounding (a fixed group reproduces it bit for bit:
-experiment.plan_batches). Attacks run one after the other (attack=both: all DLG trials, then all iDLG
+case.plan.plan_batches). Attacks run one after the other (attack=both: all DLG trials, then all iDLG
 trials); a trial's picture is drawn once all its attacks have ended.
 """
 
@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable
+from typing import Protocol
 
 import torch
-from omegaconf import DictConfig
 from rich.progress import Progress
 
-from lightning_idlg.case.client import SharedGradient
 from lightning_idlg.attacks.inversion import Arrival, AttackResult
+from lightning_idlg.case.client import PrivateBatch, SharedGradient
+from lightning_idlg.case.plan import Trial
+from lightning_idlg.case.share import ClientSide
 from lightning_idlg.run.monitor import AttackProgress, ReconstructionMonitor
 
 
 def stack(shared: list[SharedGradient], one_network: bool) -> SharedGradient:
     """K one-trial SharedGradients as one of K trials; with `one_network` the first's weights and buffers
-    viewed K times (stride 0: held once, as experiment.prepare_batch shares a checkpoint)."""
+    viewed K times (stride 0: held once, as case.share.ClientSide shares a checkpoint)."""
     def cat(parts: list[dict[str, torch.Tensor]], held_once: bool) -> dict[str, torch.Tensor]:
         if held_once:
             return {name: t.expand(len(parts), *t.shape[1:]) for name, t in parts[0].items()}
@@ -44,51 +45,62 @@ def stack(shared: list[SharedGradient], one_network: bool) -> SharedGradient:
                                gradients=cat([s.gradients for s in shared], False), buffers=buffers)
 
 
-class Stream:
-    """One attack's pending trials of this rank, fed to K slots: `first` (the initial group, prepared
-    together), `refill` (the next trial's client, prepared when a slot frees), `finish` (evaluate and record
-    a trial that ended, draw its picture once every attack of the run has it)."""
+class Recorder(Protocol):
+    """Where a stream's finished trials go (run/experiment.Recording)."""
 
-    def __init__(self, cfg: DictConfig, method: str, todo: list, prepare: Callable, record: Callable[[list], None],
-                 pictures: Callable, wanted: Callable[[int], set[str]], results: dict, slots: int):
-        self.cfg, self.method, self.prepare, self.record, self.pictures = cfg, method, prepare, record, pictures
-        self.wanted, self.results = wanted, results  # trial index -> the attacks it waits for; their results
+    def record(self, method: str, group: list[Trial], private: PrivateBatch, result: AttackResult, cost,
+               group_size: int) -> None: ...
+
+    def pictures(self, group: list[Trial], private: PrivateBatch, results: dict[str, AttackResult]) -> None: ...
+
+
+class Stream:
+    """One attack's pending trials of this rank, fed to K slots: `first` (the initial group, shared
+    together), `refill` (the next trial's client, sharing when a slot frees), `finish` (evaluate and record
+    a trial that ended, draw its picture once every attack of the run has it). `clients`: the run's client
+    side; `wanted`: trial index -> the attacks it waits for; `results`: their results so far."""
+
+    def __init__(self, method: str, todo: list[Trial], slots: int, clients: ClientSide, recorder: Recorder,
+                 wanted: dict[int, set[str]], results: dict, progress_trials: int):
+        self.method, self.clients, self.recorder = method, clients, recorder
+        self.wanted, self.results, self.progress_trials = wanted, results, progress_trials
         self.first, self._queue = todo[:slots], iter(todo[slots:])
         self.queued = max(0, len(todo) - slots)
-        self.clients: dict[int, tuple] = {}  # trial index -> (trial, private, cost), while it is in flight
+        self.group_size = min(slots, len(todo))
+        self.in_flight: dict[int, tuple] = {}  # trial index -> (trial, private, cost)
         self.statuses: list[str] = []
 
-    def initial(self, one_network: bool) -> SharedGradient:
+    def initial(self) -> SharedGradient:
         """The first K trials' SharedGradient. Each client computes alone, as a refilled one will and as a
         solo run does (a group's batched client rounds its float32 gradient otherwise), so a trial's record
-        does not depend on the slots; a network held once (a checkpoint: `one_network`) stays held once."""
+        does not depend on the slots; a network held once (a checkpoint) stays held once."""
         shared = []
         for trial in self.first:
-            private, one, cost = self.prepare([trial])
-            self.clients[trial.index] = (trial, private, cost)
+            private, one, cost = self.clients.share([trial])
+            self.in_flight[trial.index] = (trial, private, cost)
             shared.append(one)
-        return stack(shared, one_network)
+        return stack(shared, self.clients.init.one_network)
 
     def refill(self) -> Arrival | None:
         trial = next(self._queue, None)
         if trial is None:
             return None
-        with _default_dtype(torch.float32):  # as the initial group's client, prepared before training began
-            private, shared, cost = self.prepare([trial])
-        self.clients[trial.index] = (trial, private, cost)
-        return Arrival(trial.index, shared, trial.dummy_seed, snapshot=trial.index < self.cfg.progress_trials)
+        with _default_dtype(torch.float32):  # as the initial group's client, shared before training began
+            private, shared, cost = self.clients.share([trial])
+        self.in_flight[trial.index] = (trial, private, cost)
+        return Arrival(trial.index, shared, trial.dummy_seed, snapshot=trial.index < self.progress_trials)
 
     def finish(self, index: int, result: AttackResult) -> None:
-        trial, private, cost = self.clients.pop(index)
-        self.record([trial], private, result, cost)
+        trial, private, cost = self.in_flight.pop(index)
+        self.recorder.record(self.method, [trial], private, result, cost, self.group_size)
         self.statuses.append(result.status[0])
         mine = self.results.setdefault(index, {})
         mine[self.method] = result
-        if set(mine) >= self.wanted(index):  # every attack of this trial has ended: its picture
-            self.pictures([trial], private, self.results.pop(index))
+        if set(mine) >= self.wanted[index]:  # every attack of this trial has ended: its picture
+            self.recorder.pictures([trial], private, self.results.pop(index))
 
     def truth(self, index: int) -> torch.Tensor | None:
-        client = self.clients.get(index)
+        client = self.in_flight.get(index)
         return None if client is None else client[1].images[0]
 
 

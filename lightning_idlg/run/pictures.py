@@ -25,22 +25,26 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from omegaconf import DictConfig
 from torchvision.transforms.functional import to_pil_image
 
-from lightning_idlg.records.metrics import _clamped
+from lightning_idlg.attacks.inversion import AttackResult
+from lightning_idlg.case.client import PrivateBatch
+from lightning_idlg.case.plan import Trial
+from lightning_idlg.records import metrics
+from lightning_idlg.records.metrics import clamped
+from lightning_idlg.records.schema import LAYOUT_KEY, LAYOUT_VALUE, METHOD_NAMES
 
 MIN_SCALE = 4            # upscale at least 4x ...
 MIN_TILE = 96            # ... and to at least ~96 pixels a side (8x8 digits: 12x)
 MAX_SNAPSHOTS = 12       # a progress row shows at most this many snapshots (evenly chosen, ends kept)
 GAP, MARGIN, FONT_SIZE = 6, 8, 12
-LAYOUT_KEY, LAYOUT_VALUE = "lightning_idlg", "labelled"
-METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) floats -> (N, C, H, W) uint8: clamped to [0, 1], NaN black, x * 255 + 0.5 truncated
     (torchvision's save_image)."""
-    return _clamped(images).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+    return clamped(images).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def scale_for(height: int, width: int) -> int:
@@ -208,3 +212,41 @@ def client_panel_canvas(method: str, step: int, trial: int, truth: torch.Tensor,
     return labelled_grid([list(truth), list(matched)], ["private", f"{name}\nstep {step}"],
                          [[], [f"MSE {_sci(e)}" for e in errors]],
                          f"{name} at step {step}, client of trial {trial}", [f"image {j}" for j in range(len(truth))])
+
+
+@dataclass(frozen=True)
+class TrialPictures:
+    """The run's pictures/ folder: trial_NNNNN.png per trial (a client batch: trial_NNNNN_sJ.png per private
+    image J, beside the reconstructions matched to it) and the progress strips of the first
+    `progress_trials` trials (for a client batch, of its first reconstruction); nothing where not `enabled`."""
+
+    folder: Path
+    enabled: bool
+    progress_trials: int
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: Path) -> "TrialPictures":
+        return cls(Path(run_dir) / "pictures", bool(cfg.get("pictures", True)), int(cfg.progress_trials))
+
+    def save(self, group: list[Trial], private: PrivateBatch, results: dict[str, AttackResult]) -> None:
+        if not results or not self.enabled:
+            return
+        orders = {m: metrics.match(r.dummy, private.images) for m, r in results.items()}
+        b = private.images.shape[1]
+        for row, trial in enumerate(group):
+            for j in range(b):  # a client batch: a picture per private image, beside its matched reconstructions
+                truth, label = private.images[row, j], int(private.labels[row, j])
+                outcomes = [_outcome(m, r, row, int(orders[m][row, j]), truth) for m, r in results.items()]
+                name = f"trial_{trial.index:05d}.png" if b == 1 else f"trial_{trial.index:05d}_s{j}.png"
+                save_trial_picture(self.folder / name, trial.index, trial.images[j], label, truth, outcomes)
+                if j == 0 and trial.index < self.progress_trials and all(o.snapshots for o in outcomes):
+                    save_progress_strip(self.folder / f"progress_{trial.index:05d}.png", trial.index,
+                                        trial.images[0], label, outcomes)
+
+
+def _outcome(method: str, result: AttackResult, row: int, matched: int, truth: torch.Tensor) -> Outcome:
+    """What a picture shows of one attack's reconstruction `matched` of trial `row`."""
+    snapshots = sorted((step, snaps[row, matched]) for step, snaps in result.snapshots.items() if row < len(snaps))
+    mse = float(metrics.mse(result.dummy[row, matched][None], truth[None])[0])
+    return Outcome(method, result.dummy[row, matched], int(result.predicted_label[row, matched]), mse,
+                   result.status[row], int(result.steps[row]), snapshots)
