@@ -14,14 +14,13 @@ where records carry one, else by the run dir's config.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning_idlg.records.metrics import median
+from lightning_idlg.report.runs import config_key, drop_config_where_unique
 
 # the parameter that sets each defense's strength (configs/defense/*.yaml); fp16, int8: none
 STRENGTH = {"gaussian": "variance", "laplace": "variance", "prune": "ratio", "topk": "keep", "clip": "max_norm",
@@ -62,18 +61,6 @@ def defense_point(record: dict) -> tuple[str, float | None]:
     return name, strength
 
 
-def _config_key(record: dict, run_config: dict, dropped: set[str]) -> str:
-    """What else made the record: its run's result-changing settings (report.setting: all but seed, trials
-    and run placement), less the row's own keys `dropped` and the run's other attacks, hashed. Records
-    pool only where this agrees."""
-    from lightning_idlg.report import setting  # report imports this module
-
-    method = record["method"]
-    kept = {k: v for k, v in setting(run_config).items()
-            if k not in dropped and not (k.startswith(("attack.", "method.")) and k.split(".")[1] != method)}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
-
-
 def leakage_rows(runs) -> list[dict]:
     """One row per Point with records: trials, fidelity (MSE < 1e-3), median PSNR, label accuracy, mean
     cosine and relative error of the defended gradient, and DP-SGD's epsilon where it applies."""
@@ -83,7 +70,7 @@ def leakage_rows(runs) -> list[dict]:
             name, strength = defense_point(record)
             parts = name.split("+")
             dropped = {"defense"} | {f"defense.{p}.{STRENGTH[p]}" for p in parts if p in STRENGTH}
-            config = _config_key(record, run.config, dropped)
+            config = config_key(record, run.config, dropped)
             groups[Point(str(record.get("dataset")), name, strength, record["method"], config)].append(record)
     rows = []
     for point, records in sorted(groups.items(), key=lambda kv: _rank(kv[0])):
@@ -94,7 +81,7 @@ def leakage_rows(runs) -> list[dict]:
             "relative_error": _mean([r.get("defense_relative_error") for r in records]),
             "epsilon": _epsilon(records[0]) if "dpsgd" in point.defense else None,
         })
-    _drop_config_where_unique(rows, ("dataset", "defense", "strength", "method"))
+    drop_config_where_unique(rows, ("dataset", "defense", "strength", "method"))
     return rows
 
 
@@ -215,16 +202,6 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _drop_config_where_unique(rows: list[dict], keys: tuple[str, ...]) -> None:
-    """The config column only matters where rows agreeing on `keys` have several configs."""
-    counts = defaultdict(set)
-    for r in rows:
-        counts[tuple(r[k] for k in keys)].add(r["config"])
-    for r in rows:
-        if len(counts[tuple(r[k] for k in keys)]) == 1:
-            r["config"] = ""
-
-
 def _rank(point: Point):
     order = ("none", "gaussian", "laplace", "fp16", "int8", "prune", "topk", "clip", "dpsgd")
     first = point.defense.split("+")[0]
@@ -267,12 +244,12 @@ def by_rows(runs, keys: list[str]) -> list[dict]:
             found = [lookup(k, record, flat) for k in keys]
             values = tuple(value for _, value in found)
             groups[str(record.get("dataset")), values, record["method"],
-                   _config_key(record, run.config, {name for name, _ in found})].append(record)
+                   config_key(record, run.config, {name for name, _ in found})].append(record)
     rows = []
     for (dataset, values, method, config), records in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rows.append({"dataset": dataset, **dict(zip(keys, values)), "method": method, "config": config,
                      **_leak(records)})
-    _drop_config_where_unique(rows, ("dataset", *keys, "method"))
+    drop_config_where_unique(rows, ("dataset", *keys, "method"))
     return rows
 
 
