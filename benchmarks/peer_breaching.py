@@ -6,7 +6,7 @@
         --checkpoint resnet20=/path/to/resnet20.pt --breaching-venv /path/to/venv
     # client batches and FedAvg (issue 14), ~27 min wall on 2 quiet cores (estimate below); writes the page
     python benchmarks/peer_breaching.py --trials 20 --cores 2 --attacks ig_batch,fedavg --batch-sizes 4,8 \
-        --local-steps 1,5,10 --ig-steps 200 --fedavg-steps 40 --write-doc docs/batches.md
+        --local-steps 1,5,10 --ig-steps 200 --fedavg-steps 40 --write-doc docs/studies/generated/batches.md
 
 breaching runs in a venv of its own (--breaching-venv, default /work/breaching-venv), never in ours:
 
@@ -102,7 +102,7 @@ theirs. The last lines are machine-readable, `ratio_per_cpu_minute <comparison>:
 ig_<model>[_checkpoint], ig_<model>_b<B>, fedavg_<model>_b<B>_t<T>). Logs, both sides' outputs,
 results.json (every trial of both sides) and run.json (command, machine) go to
 outputs/benchmarks/peer-<time>/ (--out); the trial files handed to breaching too with --keep-cases.
---write-doc PATH writes the tables as a page (docs/batches.md); --doc-from RUN_DIR --write-doc PATH writes
+--write-doc PATH writes the tables as a page (docs/studies/generated/batches.md); --doc-from RUN_DIR --write-doc PATH writes
 it again from a run's folder without running.
 """
 
@@ -509,7 +509,7 @@ def main() -> None:
                         help="breaching's FedAvg objective: labels by its own strategy (as ours) or the true "
                              "labels its user discloses with the local hyperparameters (its threat model)")
     parser.add_argument("--write-doc", metavar="PATH", help="write the tables of this run as a page, e.g. "
-                        "docs/batches.md")
+                        "docs/studies/generated/batches.md")
     parser.add_argument("--doc-from", metavar="RUN_DIR", help="with --write-doc: write the page from an earlier "
                         "run's results.json and run.json instead of running")
     parser.add_argument("--per-trial", action="store_true", help="also print each trial's MSE, PSNR, evaluations")

@@ -4,7 +4,7 @@
 Exactness: each strategy restores every client's label multiset where its paper says it should, checked
 through the real pipeline: 200 LeNet victims per case with PyTorch's default init (untrained networks,
 near-uniform softmax: the papers' setting), random images, the real Client (mean reduction). Each bound was
-measured first (B up to 64, C = 10 and 100, sigmoid and ReLU; see docs/labels.md); these assert what held
+measured first (B up to 64, C = 10 and 100, sigmoid and ReLU; see docs/studies/labels.md); these assert what held
 on every draw. With the paper's U(-0.5, 0.5) victims the softmax is confident and the counts from the
 gradient alone break down, while LLG+, which measures the offset, stays exact: asserted too.
 """

@@ -92,7 +92,7 @@ PROTOCOL = {
 LEGACY = {"method.idlg.label_rule": "weight_sum", "model.init": "uniform", "model.init_scale": 0.5}
 #: What experiment=paper_*_improved adds to it.
 IMPROVED = {"optimizer.line_search_fn": "strong_wolfe", "patience": 20, "restarts": 2, "restart_distance": 1e-2}
-#: What experiment=paper_*_reliable changes in that (docs/presets.md).
+#: What experiment=paper_*_reliable changes in that (docs/studies/generated/presets/presets.md).
 RELIABLE = {"patience": 50, "restart_distance": 1e-4, "keep": "best"}
 #: ... and what the MNIST and LFW presets set beside it (a faint total-variation prior; on MNIST no tolerance,
 #: on LFW 600 steps), by the data set's loader

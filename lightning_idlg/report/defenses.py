@@ -1,4 +1,4 @@
-"""Leakage against defense strength: the report's defense section (docs/defenses.md).
+"""Leakage against defense strength: the report's defense section (docs/studies/generated/defenses.md).
 
 For each data set, defense, strength and attack: the share of trials reconstructed to MSE < 1e-3, the
 median PSNR and the label accuracy (what still leaks), beside the defense's cost to the client: the
