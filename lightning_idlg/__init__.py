@@ -1,6 +1,9 @@
 """lightning_idlg: gradient-leakage attacks (DLG, iDLG) as Lightning experiments.
 
-Data flows one way: data -> client (shared gradient) -> attack -> metrics -> results -> report.
+Data flows one way, and so do the imports, folder by folder: case/ (data, victim, client: the shared
+gradient) -> attacks/ (what the attacker runs on it) -> records/ (metrics, evaluation, what a trial leaves)
+-> run/ (one experiment end to end) -> report/ (tables and figures of finished runs); the front doors
+(app, api, train, label_restoration) stand on top.
 """
 
 import os

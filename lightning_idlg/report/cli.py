@@ -29,7 +29,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     strips = []
-    if not defenses_only:  # (a defenses page shares docs/ with results.md: leave its files alone)
+    if not defenses_only:  # (a defenses page shares docs/studies/generated/ with results.md: leave its files alone)
         write_csv(out / "label_accuracy.csv", label_accuracy_rows(groups))
         write_csv(out / "fidelity.csv", fidelity_rows(groups))
         write_csv(out / "convergence.csv", convergence_rows(groups))
@@ -42,7 +42,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path, title: str = "DLG 
     no_strips = STRIPS_LEFT_OUT if progress_from == [] else NO_STRIPS
     text = markdown(title, runs, groups, strips, notes(runs, groups), preface, no_strips)
     text += "\n".join(_axes_sections(runs, out, by or []))
-    if defenses_only:  # docs/defenses.md: the runs, the leakage section, the --by table, how it was made
+    if defenses_only:  # docs/studies/generated/defenses.md: the runs, the leakage section, the --by table, how it was made
         parts = text.split("\n## ")[1:]
         order = ("Runs", "Leakage against", "By ", "Made with")
         kept = sorted((p.rstrip("\n") + "\n" for p in parts if p.startswith(order)),

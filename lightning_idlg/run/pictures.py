@@ -65,7 +65,7 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
 
 @dataclass
 class Canvas:
-    """A labelled grid: the picture, each tile's top-left corner (origins[row][col], None for no tile),
+    """A labelled grid: the picture, each tile's top-left corner (`origins[row][col]`, None for no tile),
     the upscaling factor and a tile's (height, width) in the picture."""
 
     image: Image.Image
