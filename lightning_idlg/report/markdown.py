@@ -49,9 +49,20 @@ STRIPS_LEFT_OUT = ("Left out of this report (`--no-progress`); each run keeps it
 
 def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings: list[str],
              preface: str = "", no_strips: str = NO_STRIPS) -> str:
+    """report.md: the title, the author's preface (commands, what differs from the paper and why), then a
+    section each."""
     lines = [f"# {title}", ""]
-    if preface.strip():  # the author's words (commands, what differs from the paper and why) before the numbers
+    if preface.strip():
         lines += [preface.strip(), ""]
+    for section in (intro_section(runs), runs_section(runs), label_section(groups), fidelity_section(groups),
+                    progress_section(strips, no_strips), convergence_section(groups), notes_section(warnings)):
+        lines += section
+    return "\n".join(lines) + "\n"
+
+
+def intro_section(runs: list[Run]) -> list[str]:
+    """What the rows are: how records are grouped, the variants, when runs pool."""
+    lines: list[str] = []
     lines += [
              f"{sum(len(r.records) for r in runs)} trial records from {len(runs)} run(s), grouped by data set "
              "(the loader that produced the images), variant and method. Variant: *paper* (the paper protocol "
@@ -62,7 +73,12 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
              "their configs agree on everything but the seed, the number of trials and where and how they ran; "
              "the paper's numbers stand beside *paper*, *improved* and *reliable* rows only. "
              f"Paper: {paper.SOURCE}.", ""]
+    return lines
 
+
+def runs_section(runs: list[Run]) -> list[str]:
+    """## Runs: every run dir with its data set, variant, record counts, data root and command."""
+    lines: list[str] = []
     lines += ["## Runs", ""]
     lines += table(["run dir", "data set", "variant", "records (DLG / iDLG / other)", "dataset.root",
                      "command"], [[
@@ -75,7 +91,12 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
         f"`{run.command}`" if run.command else "(no .hydra/overrides.yaml)",
     ] for run in runs])
     lines.append("")
+    return lines
 
+
+def label_section(groups) -> list[str]:
+    """## Label accuracy (the paper's Table 1), ours beside the paper's."""
+    lines: list[str] = []
     lines += ["## Label accuracy (the paper's Table 1)", "",
               "Share of trials whose recovered label is the true one, in percent (correct / trials). "
               f"Paper: {paper.TRIALS:,} trials per data set; {DASH}: the paper has no such data set.", ""]
@@ -91,7 +112,12 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
             row.append(pct(paper.label_accuracy(dataset, m) if comparable(variant) else None))
         rows.append(row)
     lines += table(header, rows) + ["", "CSV: `label_accuracy.csv` (shares in [0, 1]).", ""]
+    return lines
 
+
+def fidelity_section(groups) -> list[str]:
+    """## Fidelity (the paper's Figure 1): shares below each MSE threshold, ours and the paper's."""
+    lines: list[str] = []
     lines += ["## Fidelity (the paper's Figure 1)", "",
               "Share of trials (percent) with final MSE (all pixels, raw unclamped values) strictly below each "
               "threshold; a diverged or NaN trial counts as a failure. The paper's values are "
@@ -112,7 +138,12 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
                 rows.append([dataset, name, f"paper ({paper.DATASETS[dataset]})", paper.TRIALS]
                             + [pct(theirs[k]) for k in FIDELITY_KEYS])
     lines += table(header, rows) + ["", "CSV: `fidelity.csv` (shares in [0, 1]).", ""]
+    return lines
 
+
+def progress_section(strips: list[Strip], no_strips: str) -> list[str]:
+    """## Reconstruction progress (the paper's Figure 2): the strips, or why there are none."""
+    lines: list[str] = []
     lines += ["## Reconstruction progress (the paper's Figure 2)", ""]
     if strips:
         lines += ["Dummy data every few steps from the random start (left) to the step the trial stopped at "
@@ -122,7 +153,12 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
             lines += [f"![{strip.caption}]({strip.output})", "", f"*{strip.caption}*", ""]
     else:
         lines += [no_strips, ""]
+    return lines
 
+
+def convergence_section(groups) -> list[str]:
+    """## Convergence: status counts, medians of costs and quality, restarts."""
+    lines: list[str] = []
     lines += ["## Convergence", "",
               "Status counts; medians of steps and objective evaluations over converged trials, of PSNR / SSIM "
               "(images clamped to [0, 1]) and MSE over all trials; seconds per trial = a batch's wall time "
@@ -139,14 +175,19 @@ def markdown(title: str, runs: list[Run], groups, strips: list[Strip], warnings:
              sci(r["median_mse"]) if not math.isnan(r["median_mse"]) else DASH,
              num(r["median_seconds_per_trial"], ".3g"), r["restarts"]] for r in converged]
     lines += table(header, rows) + ["", "CSV: `convergence.csv`.", ""]
+    return lines
 
+
+def notes_section(warnings: list[str]) -> list[str]:
+    """## Notes (what a reader needs to weigh the numbers) and ## Made with."""
+    lines: list[str] = []
     lines += ["## Notes", ""]
     lines += [f"- {w}" for w in warnings]
     lines += [f"- Paper numbers: {paper.SOURCE}; fidelity values {paper.FIDELITY_NOTE}. The paper runs "
               f"{paper.TRIALS:,} trials per data set with one random image each; with fewer trials ours carry "
               "sampling error (one trial in n moves a share by 100/n points)."]
     lines += ["", "## Made with", "", *[f"- {item}" for item in provenance()]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def provenance() -> list[str]:
