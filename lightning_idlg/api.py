@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_idlg.records import metrics
 from lightning_idlg.case.client import SharedGradient, functional_victim, share_one_network
+from lightning_idlg.app import expand_shortcuts
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.records.moved import modernize_config
 from lightning_idlg.attacks.fit import attack_batch
@@ -169,7 +170,7 @@ def _config(method: str, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
         try:
-            cfg = compose("config", overrides=[f"attack={method}", "progress_bar=false", *overrides])
+            cfg = compose("config", overrides=[f"attack={method}", "progress_bar=false", *expand_shortcuts(overrides)])
         except Exception as err:  # Hydra's own message names the bad override
             raise ConfigError(str(err).splitlines()[0]) from None
     modernize_config(cfg)  # an override naming a module by its path before the move

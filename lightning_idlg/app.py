@@ -126,9 +126,21 @@ def moved_key(argument: str) -> str | None:
     return None
 
 
+# labels=NAME: iDLG's label strategy, configs/label_strategy/NAME.yaml; Hydra's own form names the attack's node
+LABELS_SHORTCUT = "label_strategy@attack.idlg.label_strategy"
+
+
+def expand_shortcuts(arguments: list[str]) -> list[str]:
+    """`labels=NAME` as Hydra's override of the iDLG attack's nested default (configs/attack/idlg.yaml);
+    another attack's: `label_strategy@attack.<name>.label_strategy=NAME` (attack=ig: label_strategy@attack.ig...)."""
+    return [LABELS_SHORTCUT + argument[len("labels"):] if argument.startswith("labels=") else argument
+            for argument in arguments]
+
+
 def main() -> None:
     for argument in sys.argv[1:]:
         message = moved_key(argument)
         if message:
             _fail(ConfigError(message))
+    sys.argv[1:] = expand_shortcuts(sys.argv[1:])
     app()

@@ -177,7 +177,11 @@ def compose_all(config_name: str, overrides: list[str]) -> int:
 def hydra_arguments(cmd: list[str]) -> tuple[str, list[str]]:
     app = "lightning-idlg" if cmd[0] == "python" else cmd[0]
     args = cmd[3:] if cmd[0] == "python" else cmd[1:]
-    return HYDRA_APPS[app], [a for a in args if a not in ("-m", "--multirun")]
+    args = [a for a in args if a not in ("-m", "--multirun")]
+    if app == "lightning-idlg":  # as the app's main() passes them to Hydra (labels=NAME)
+        from lightning_idlg.app import expand_shortcuts
+        args = expand_shortcuts(args)
+    return HYDRA_APPS[app], args
 
 
 def needs_plugin(overrides: list[str]) -> None:

@@ -235,8 +235,7 @@ def test_cli_bad_label_mode_one_line(tmp_path):
 @pytest.mark.slow
 def test_batch_strategy_in_an_attack(tmp_path):
     """Yin as iDLG's label strategy for clients of 2 samples: the attack runs 2 steps end to end."""
-    done = cli.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "attack.idlg.label_strategy._target_=lightning_idlg.attacks.labels.Yin",
-                    "~attack.idlg.label_strategy.rule", "client.batch_size=2", "steps=2", "trials=2",
+    done = cli.run([sys.executable, "-m", "lightning_idlg", "method=idlg", "labels=yin", "client.batch_size=2", "steps=2", "trials=2",
                     "pictures=false", "progress_bar=false", f"hydra.run.dir={tmp_path}"],
                    capture_output=True, text=True, cwd=ROOT, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]

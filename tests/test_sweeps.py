@@ -15,6 +15,7 @@ import yaml
 from hydra import compose, initialize_config_module
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
+from lightning_idlg.app import expand_shortcuts
 from lightning_idlg.run import tracking
 from lightning_idlg.run.experiment import validate
 
@@ -54,7 +55,7 @@ def agent_argv(command: list, run_config: dict) -> list[str]:
     argv: list[str] = []
     for item in map(str, command):
         argv += sweep_vars[item[2:-1]] if item.startswith("${") and item.endswith("}") else [item]
-    return argv
+    return argv[:4] + expand_shortcuts(argv[4:])  # as the app's main() hands them to Hydra (labels=NAME)
 
 
 @pytest.mark.slow
@@ -86,6 +87,8 @@ def test_sweep_composes_as_hydra_overrides(path, monkeypatch):
             for key, value in ((k, v["value"]) for k, v in run.config.items()):
                 if key in ("dataset", "optimizer", "experiment", "defense", "client", "model"):  # config groups: the choice took effect
                     assert cfg.hydra.runtime.choices[key] == value
+                elif key == "labels":  # iDLG's label strategy by name
+                    assert cfg.hydra.runtime.choices["label_strategy@attack.idlg.label_strategy"] == value
                 elif key == "method":
                     assert list(cfg.attack) == [value], f"{path.name}: method={value} did not land"
                 else:  # "null" is how a sweep spells None (Hydra's grammar; W&B would send the text None)
