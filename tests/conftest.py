@@ -1,8 +1,38 @@
 import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_module
+
+from tests import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def compose_config(*overrides: str, hydra: bool = False, name: str = "config"):
+    """The app's config (configs/NAME.yaml) composed with `overrides`, as the command line composes it;
+    `hydra`: with the `hydra` node (run dir, choices)."""
+    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
+        return compose(name, overrides=list(overrides), return_hydra_config=hydra)
+
+
+def run_app(*args, cwd=None, module: str = "lightning_idlg", timeout: float = 300, wait: bool = True, **env):
+    """`python -m MODULE ARGS` as a user's shell runs it (tests/cli.py forks it from a preloaded process):
+    W&B offline and never with a key, warnings off, the repository on PYTHONPATH (tests.toys); `env`
+    adds or overrides variables. `wait=False`: the process itself (Popen), for kill and concurrency tests."""
+    environ = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    environ.update(WANDB_MODE="offline", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT))
+    environ.update(env)
+    command = [sys.executable, "-m", module, *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return cli.run(command, cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout)
 
 
 def _cpu() -> str:

@@ -21,15 +21,14 @@ from lightning_idlg.case.plan import plan_trials
 from lightning_idlg.case.share import prepare_batch
 from tests.toys import TinyNet
 from tests import cli
+from tests.conftest import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env, capture_output=True,
-                   text=True, timeout=300)
+    return run_app(*args, cwd=cwd)
 
 
 @pytest.mark.slow

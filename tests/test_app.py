@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -26,7 +24,7 @@ from lightning_idlg.case.client import PrivateBatch, SharedGradient
 from lightning_idlg.case.share import prepare_batch
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.run.experiment import run
-from tests import cli
+from tests.conftest import compose_config, run_app
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("dataset", "model", "model/init", "client", "defense", "attack", "method", "optimizer", "trainer", "logger",
@@ -34,8 +32,7 @@ GROUPS = ("dataset", "model", "model/init", "client", "defense", "attack", "meth
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=["progress_bar=false", *overrides])
+    return compose_config("progress_bar=false", *overrides)
 
 
 def attack_of(shared: SharedGradient, name: str = "idlg", *overrides: str) -> GradientInversion:
@@ -52,9 +49,7 @@ def _tiny_shared() -> SharedGradient:
 
 
 def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env,
-                   capture_output=True, text=True, timeout=300)
+    return run_app(*args, cwd=cwd)
 
 
 SHARED = None

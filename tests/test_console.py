@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -15,14 +14,11 @@ from rich.progress import Progress
 from lightning_idlg.run.console import print_summary, summary_text
 from lightning_idlg.run.monitor import AttackProgress
 from lightning_idlg.records.store import summarize
-from tests import cli
+from tests.conftest import run_app
 
 
 def app(*args: str, cwd, **env) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY",)}
-    environ.update(WANDB_MODE="offline", COLUMNS="80", **env)
-    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=environ,
-                   capture_output=True, text=True, timeout=300)
+    return run_app(*args, cwd=cwd, COLUMNS="80", **env)
 
 
 @pytest.mark.slow

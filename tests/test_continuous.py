@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from lightning_idlg.run import experiment
 from lightning_idlg.attacks.inversion import GradientInversion
 from lightning_idlg.records.store import read_records
+from tests.conftest import compose_config
 
 TINY = ["dataset=digits", "dataset.image_size=8", "progress_bar=false", "pictures=false", "threads=1"]
 FLOAT64 = ["trainer.precision=64-true"]
@@ -21,8 +21,7 @@ CLOSE = ("mse", "distance", "psnr")
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+    return compose_config(*TINY, *overrides)
 
 
 def records(run_dir: Path) -> dict[tuple[str, int], dict]:

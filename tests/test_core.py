@@ -4,15 +4,12 @@ their axes, and parts added from outside the package (tests/toys.py, tests/confi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lightning_idlg.records import metrics
@@ -25,7 +22,7 @@ from lightning_idlg.run.experiment import run
 from lightning_idlg.attacks.objective import BatchedDistance
 from lightning_idlg.case.model import LeNet, make_victim
 from tests.toys import bn_victims
-from tests import cli
+from tests.conftest import compose_config, run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_CONFIGS = ROOT / "tests" / "configs"
@@ -33,8 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=["progress_bar=false", "pictures=false", "progress_trials=0", *overrides])
+    return compose_config("progress_bar=false", "pictures=false", "progress_trials=0", *overrides)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -42,9 +38,7 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def app(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    return cli.run([sys.executable, "-m", "lightning_idlg", *args], cwd=cwd, env=env, capture_output=True,
-                   text=True, timeout=300)
+    return run_app(*args, cwd=cwd)
 
 
 # --- client batches -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from lightning_idlg.records.label_metrics import count_accuracy, exact_multiset,
 from lightning_idlg.label_restoration import COLUMNS, draw_clients
 from lightning_idlg.case.model import DefaultInit, LeNet, UniformInit, make_victim
 from tests import cli
+from tests.conftest import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS, CLASSES = 200, 100
@@ -177,8 +178,8 @@ def test_draw_clients_modes():
 
 
 def run_cli(tmp_path, *overrides):
-    return cli.run([sys.executable, "-m", "lightning_idlg.label_restoration", f"hydra.run.dir={tmp_path}",
-                    *overrides], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return run_app(f"hydra.run.dir={tmp_path}", *overrides, cwd=ROOT, module="lightning_idlg.label_restoration",
+                   timeout=120)
 
 
 def test_cli_writes_rows(tmp_path):

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
 from lightning_idlg.app import expand_shortcuts
 from lightning_idlg.attacks import labels as L
+from tests.conftest import compose_config
 
 OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "label_strategy").glob("*.yaml"))
 CLASSES = {"analytic": L.AnalyticLabel, "learned": L.LearnedLabel, "yin": L.Yin, "llg": L.LLG, "llgplus": L.LLGPlus,
@@ -18,8 +18,7 @@ CLASSES = {"analytic": L.AnalyticLabel, "learned": L.LearnedLabel, "yin": L.Yin,
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=expand_shortcuts(list(overrides)))
+    return compose_config(*expand_shortcuts(list(overrides)))
 
 
 def test_every_option_is_a_strategy_class():

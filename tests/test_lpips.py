@@ -11,9 +11,7 @@ LPIPS never runs, are saved as zero-stride views of one zero (a 10 MB file inste
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,16 +25,14 @@ from lightning_idlg.case.plan import Trial
 from lightning_idlg.records.evaluate import evaluate
 from lightning_idlg.attacks.inversion import AttackResult
 from lightning_idlg.records.store import summarize
-from tests import cli
+from tests.conftest import run_app
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 
 
-def run_app(cwd: Path, torch_home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    return cli.run([sys.executable, "-m", "lightning_idlg", "threads=1", "progress_bar=false", "pictures=false",
-                    "progress_trials=0", *args, f"hydra.run.dir={cwd / 'run'}"],
-                   cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def lpips_app(cwd: Path, torch_home: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_app("threads=1", "progress_bar=false", "pictures=false", "progress_trials=0", *args,
+                   f"hydra.run.dir={cwd / 'run'}", cwd=cwd, TORCH_HOME=str(torch_home), WANDB_MODE="disabled")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +57,7 @@ def weights_in(torch_home, monkeypatch) -> Path:
 
 def test_missing_weights_fail_in_one_line_naming_the_file_and_how_to_get_it(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run_app(tmp_path, tmp_path / "empty", "metrics.lpips=alex", "steps=2", "trials=2")
+    result = lpips_app(tmp_path, tmp_path / "empty", "metrics.lpips=alex", "steps=2", "trials=2")
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -148,7 +144,7 @@ def test_summary_median_lpips_over_the_records_that_have_it():
 
 @pytest.mark.slow
 def test_a_tiny_run_records_lpips_and_its_median(tmp_path, torch_home):
-    result = run_app(tmp_path, torch_home, "metrics.lpips=alex", "steps=2", "trials=2", "dataset=digits")
+    result = lpips_app(tmp_path, torch_home, "metrics.lpips=alex", "steps=2", "trials=2", "dataset=digits")
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]

@@ -14,21 +14,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
 
 from lightning_idlg.records.moved import MOVED, MOVED_NAMES, modern_path
 from lightning_idlg.records.store import read_records
 from lightning_idlg.report import find_runs, group_records, setting
 from lightning_idlg.run.experiment import run
 from tests import cli
+from tests.conftest import compose_config
 
 OLD = Path(__file__).parent / "data" / "faabc40" / "paper_digits"
 OVERRIDES = yaml.safe_load((OLD / ".hydra" / "overrides.yaml").read_text())
 
 
-def cfg_of(*extra: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=[*OVERRIDES, *extra])
+def cfg_of(*overrides: str):
+    return compose_config(*OVERRIDES, *overrides)
 
 
 def test_the_stored_dir_names_the_old_modules():

@@ -4,28 +4,24 @@ the Optuna sweeper config, which needs the app to return `optimized_metric` as a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 from hydra import compose, initialize_config_module
-from tests import cli
+from tests.conftest import run_app
 
 FAST = ["trials=1", "steps=2", "dataset.image_size=8", "optimizer.max_iter=2", "threads=1", "progress_bar=false",
         "pictures=false"]
 
 
-def run_app(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled"}  # no test here may reach for W&B
-    return cli.run([sys.executable, "-m", "lightning_idlg", *args], env=env, capture_output=True,
-                   text=True, timeout=timeout)
+def multirun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_app(*args, timeout=timeout, WANDB_MODE="disabled")  # no test here may reach for W&B
 
 
 @pytest.mark.slow
 def test_multirun_writes_one_dir_per_job(tmp_path):
-    done = run_app("-m", "method=dlg,idlg", "dataset=digits,faces", f"hydra.sweep.dir={tmp_path}", *FAST)
+    done = multirun("-m", "method=dlg,idlg", "dataset=digits,faces", f"hydra.sweep.dir={tmp_path}", *FAST)
     assert done.returncode == 0, done.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
@@ -50,7 +46,7 @@ def test_optuna_config_composes():
 @pytest.mark.slow
 def test_optuna_runs_two_trials_on_the_returned_metric(tmp_path):
     fast = [o for o in FAST if not o.startswith("optimizer.")]  # a fixed value would take it out of the search
-    done = run_app("-m", "hparams_search=optuna_lbfgs", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}",
+    done = multirun("-m", "hparams_search=optuna_lbfgs", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path}",
                    *fast)
     assert done.returncode == 0, done.stderr[-3000:]
     result = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
@@ -60,7 +56,7 @@ def test_optuna_runs_two_trials_on_the_returned_metric(tmp_path):
 
 
 def test_bad_optimized_metric_fails_before_running(tmp_path):
-    done = run_app("optimized_metric=dlg/fidelity/1e-03", "method=idlg", f"hydra.run.dir={tmp_path}", *FAST)
+    done = multirun("optimized_metric=dlg/fidelity/1e-03", "method=idlg", f"hydra.run.dir={tmp_path}", *FAST)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: optimized_metric='dlg/fidelity/1e-03' is not a metric of this run; valid: "
@@ -73,10 +69,10 @@ def test_a_defense_multirun_and_the_report_that_reads_it(tmp_path):
     """`-m defense=none,gaussian,prune` (and a strength grid of one defense): one job per defense; the report
     adds the leakage section (every defense, its strength, the client's cost) and the --by table."""
     sweep = tmp_path / "sweep"
-    done = run_app("-m", "defense=none,gaussian,prune", "trials=2", f"hydra.sweep.dir={sweep}", *FAST[1:])
+    done = multirun("-m", "defense=none,gaussian,prune", "trials=2", f"hydra.sweep.dir={sweep}", *FAST[1:])
     assert done.returncode == 0, done.stderr[-3000:]
     grid = tmp_path / "grid"
-    done = run_app("-m", "defense=gaussian", "defense.gaussian.variance=1e-4,1e-2", "trials=2",
+    done = multirun("-m", "defense=gaussian", "defense.gaussian.variance=1e-4,1e-2", "trials=2",
                    f"hydra.sweep.dir={grid}", *FAST[1:])
     assert done.returncode == 0, done.stderr[-3000:]
     from lightning_idlg.report import main as report

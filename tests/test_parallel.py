@@ -11,7 +11,6 @@ import sys
 from collections import Counter
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from lightning_idlg.run import experiment, ranks
 from lightning_idlg.errors import ConfigError
@@ -19,6 +18,7 @@ from lightning_idlg.case.plan import Trial
 from lightning_idlg.records.store import merge_rank_files
 from lightning_idlg.run.ranks import start_method, trials_per_group, world_size
 from lightning_idlg.records.store import read_records
+from tests.conftest import compose_config
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "threads=1"]
 # what two runs of the same trials may differ in: timing, and how the trials were batched
@@ -26,8 +26,7 @@ VARYING = {"seconds", "group_size"}
 
 
 def cfg_of(*overrides: str, hydra: bool = False):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+    return compose_config(*overrides, hydra=hydra)
 
 
 def comparable(records: list[dict]) -> dict[tuple[str, int], dict]:

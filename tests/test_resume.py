@@ -13,18 +13,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 
 from lightning_idlg.attacks.fit import Attack
 from lightning_idlg.run import experiment
 from lightning_idlg.records.store import read_records
+from tests.conftest import compose_config
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=3", "progress_bar=false", "pictures=false", "threads=1"]
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+    return compose_config(*TINY, *overrides)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
 
 from lightning_idlg import report
 from lightning_idlg.report.markdown import notes
@@ -23,7 +22,7 @@ from lightning_idlg.report.markdown import notes
 from lightning_idlg.run import experiment
 from lightning_idlg.records.store import dumps, read_records, unique
 from lightning_idlg.records.rundir import EXCLUDE, settings
-from tests import cli
+from tests.conftest import compose_config, run_app
 
 TINY = ["dataset=digits", "dataset.image_size=8", "steps=2", "threads=1", "progress_bar=false", "pictures=false",
         "progress_trials=0"]
@@ -31,15 +30,11 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
 
 
 def app(*args: str, cwd: Path, wait: bool = True):
-    command = [sys.executable, "-m", "lightning_idlg", *args]
-    if not wait:
-        return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return cli.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return run_app(*args, cwd=cwd, wait=wait, WANDB_MODE="disabled")
 
 
 def cfg_of(*overrides: str):
-    with initialize_config_module("lightning_idlg.configs", version_base="1.3"):
-        return compose("config", overrides=[*TINY, *overrides])
+    return compose_config(*TINY, *overrides)
 
 
 def error_line(result) -> str:

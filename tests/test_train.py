@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from lightning_idlg.case.architectures import ResNet
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.train import check_settings
 from lightning_idlg.case.model import CheckpointInit
-from tests import cli
+from tests.conftest import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 # a narrow ResNet-8 on 8x8 digits: one epoch over 64 images in a second or two
@@ -25,9 +23,7 @@ TINY = ["model=resnet20", "model.factory.depth=8", "model.factory.width=0.25", "
 
 
 def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    return cli.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                   timeout=300)
+    return run_app(*args, cwd=cwd, module=module)
 
 
 def train_cfg(*overrides: str):
