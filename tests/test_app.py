@@ -199,12 +199,24 @@ def test_entry_point_writes_the_documented_outputs(tmp_path):
         assert picture.width >= 3 * 4 * 16 and picture.height >= 4 * 16 and picture.text == {"lightning_idlg": "labelled"}
 
 
-def test_module_entry_point_and_console_script_are_the_same_app(tmp_path):
-    result = app("--help", cwd=tmp_path)
-    assert result.returncode == 0 and "lightning-idlg is powered by Hydra" in result.stdout
-    assert "_target_: lightning_idlg.case.dataset.digits" in result.stdout
-    script = Path(sys.executable).with_name("lightning-idlg")
-    assert script.exists()
+def test_the_installed_console_scripts_are_the_apps():
+    """What the installed scripts call (their entry points, as pip wrote them): a script whose target moved
+    would fail here, not on a user's machine."""
+    from importlib.metadata import entry_points
+
+    from lightning_idlg import app, label_restoration, report, train
+
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("lightning-idlg")}
+    expected = {"lightning-idlg": app.main, "lightning-idlg-report": report.main, "lightning-idlg-train": train.main,
+                "lightning-idlg-labels": label_restoration.main}
+    assert {name: ep.load() for name, ep in scripts.items()} == expected
+    assert Path(sys.executable).with_name("lightning-idlg").exists()
+
+
+def test_the_module_entry_point_is_the_app(tmp_path):
+    result = app("trials=0", cwd=tmp_path)  # python -m lightning_idlg: the same one-line refusal
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == \
+        "error: trials must be a positive integer, got 0"
 
 
 @pytest.mark.parametrize("override,message", [

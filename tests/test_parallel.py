@@ -14,7 +14,7 @@ import pytest
 
 from lightning_idlg.run import experiment, ranks
 from lightning_idlg.errors import ConfigError
-from lightning_idlg.case.plan import Trial
+
 from lightning_idlg.records.store import merge_rank_files
 from lightning_idlg.run.ranks import start_method, trials_per_group, world_size
 from lightning_idlg.records.store import read_records
@@ -72,13 +72,6 @@ def test_start_method_forks_cpu_ranks_on_linux_and_spawns_gpu_ranks(monkeypatch)
     assert start_method(cfg_of("trainer=gpu", "trainer.devices=2")) == "spawn"  # CUDA cannot be forked
     monkeypatch.setattr(sys, "platform", "darwin")
     assert start_method(cfg_of("trainer=ddp")) == "spawn"
-
-
-def test_rank_shares_are_disjoint_and_cover_every_batch():
-    batches = [[Trial(i, i, 0, 0)] for i in range(7)]
-    shares = [batches[r::3] for r in range(3)]
-    assert sorted(t.index for share in shares for batch in share for t in batch) == list(range(7))
-    assert [len(s) for s in shares] == [3, 2, 2]
 
 
 def test_world_size_and_auto_batch_size():

@@ -340,11 +340,6 @@ def test_cli_defaults_and_errors(tmp_path, capsys):
     assert not math.isnan(float(read_csv(run / "fidelity.csv")["mnist", "dlg"]["mse_below_0.01"]))
 
 
-def test_console_script_is_declared():
-    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert 'lightning-idlg-report = "lightning_idlg.report:main"' in pyproject
-
-
 def composed(*overrides: str) -> dict:
     """config.yaml as a run writes it (resolved), from the real configs."""
     from hydra import compose, initialize_config_module

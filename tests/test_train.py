@@ -106,4 +106,3 @@ def test_the_entry_point_reports_a_bad_setting_in_one_line(tmp_path):
     result = run("lightning_idlg.train", "save_epochs=[7]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "save_epochs entry 7 is not valid" in errors[0]
-    assert 'lightning-idlg-train = "lightning_idlg.train:main"' in (ROOT / "pyproject.toml").read_text()
