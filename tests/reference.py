@@ -4,7 +4,7 @@ engine's attack code: the paper's LeNet and its U(-0.5, 0.5) init, the shared gr
 gradient differences, and the stopping rules of the paper protocol checked after every step (converged:
 D < tolerance; diverged: D or x' not finite, or max |x'| > the divergence bound; else out of steps).
 
-tests/test_regression.py runs the app and this on the same trials and compares the records. The two take
+tests/run/test_regression.py runs the app and this on the same trials and compares the records. The two take
 different routes through the arithmetic (the engine batches K trials with vmap, factors the head's
 rank-one gradient, writes its own L-BFGS over a trial axis; this is per trial and unfactored), so they
 already differ by rounding on any one CPU: a check that holds between them holds on every CPU, while a

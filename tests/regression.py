@@ -2,7 +2,7 @@
 writes them with whatever engine is installed. For a before/after check of a change on one machine (a
 refactoring must leave records bitwise equal): run it on both commits there and compare the two files.
 Records are not stored in the repository: the paper protocol is chaotic and another CPU's kernels give
-other trajectories (tests/test_regression.py checks the engine against tests/reference.py instead). The
+other trajectories (tests/run/test_regression.py checks the engine against tests/reference.py instead). The
 shared settings (PAPER, COMMON, write_folder) are used by that test too."""
 
 from __future__ import annotations

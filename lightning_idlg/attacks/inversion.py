@@ -2,7 +2,7 @@
 
 `GradientInversion` receives a `SharedGradient` (model, weights, gradients, buffers where shared) and the
 attack's parts, and nothing else: the private images and labels never reach it
-(tests/test_app.py::test_the_attack_sees_only_the_shared_gradient). An attack is assembled from parts,
+(tests/apps/test_app.py::test_the_attack_sees_only_the_shared_gradient). An attack is assembled from parts,
 each a Hydra `_target_` node of configs/attack/<name>.yaml:
 - `dummy`: where x' starts (lightning_idlg.attacks.dummy, e.g. N(0, 1) from each trial's seed);
 - `label_strategy`: learned jointly with x' (DLG) or restored from the shared gradient first (iDLG; lightning_idlg.attacks.labels);
@@ -27,7 +27,7 @@ that has stopped for good (no restarts left) is handed to `on_finish` at once, a
 and its slot takes the next trial from `refill` (its own victim, shared gradient, label, dummy draw,
 optimizer state and stopping counters), so no slot idles while trials are waiting; training stops when
 `refill` has nothing left and every slot has handed its trial over. Nothing couples the rows, so a trial's
-record is the one it gets alone (to rounding; tests/test_continuous.py compares in float64).
+record is the one it gets alone (to rounding; tests/run/test_continuous.py compares in float64).
 """
 
 from __future__ import annotations

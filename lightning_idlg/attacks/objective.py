@@ -26,7 +26,7 @@ w.r.t. the dummies (double backprop). Two routes to the same D:
     T is the victim's float32 outer product, so ||R|| <= ~1e-7 ||T||. A T that is not rank one (a batch of
     several samples, a noised gradient), or float64 (where nothing wider absorbs the cancellation),
     keeps the exact way.
-  tests/test_objective.py checks every route against a per-trial autograd loop (float64 1e-10, float32
+  tests/attacks/test_objective.py checks every route against a per-trial autograd loop (float64 1e-10, float32
   1e-5).
 """
 

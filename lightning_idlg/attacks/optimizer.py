@@ -3,7 +3,7 @@
 One attack batch optimizes the dummies of K trials at once, but nothing may couple the trials: each has
 its own curvature history, step length, convergence tests and evaluation count. torch.optim.LBFGS would
 treat the K dummies as one vector (shared history, one step length), so it is re-written here with a
-trial dimension; for K = 1 it takes the same steps as torch.optim.LBFGS (tests/test_optim.py).
+trial dimension; for K = 1 it takes the same steps as torch.optim.LBFGS (tests/attacks/test_optim.py).
 
 Closure contract (the attack module provides it): `closure()` evaluates the objective for the trials in
 `optimizer.evaluating` (bool (K,)), writes their gradient into `p.grad` and returns the per-trial

@@ -95,7 +95,7 @@ def over_trials(fn):
     instead of K copies of themselves (a grouped convolution): the same numbers, less work. And a single
     trial never takes vmap's route for a batch of one weight tensor: for a ConvNet (torch 2.14, CPU) that
     route gave a weight gradient 2.8% off the float64 one for one CIFAR-100 image, where the unbatched
-    route and batches of two or more are within 2e-6 (tests/test_victims.py)."""
+    route and batches of two or more are within 2e-6 (tests/case/test_victims.py)."""
 
     def shared(t) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() > 0 and (t.shape[0] == 1 or t.stride(0) == 0)
@@ -131,7 +131,7 @@ class BatchStatisticsNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalized in float64: the backward's per-channel sums (of dL/dy and of dL/dy * x-hat) cancel, and
         # PyTorch's own CPU BatchNorm accumulates them in double; in float32 a ConvNet's gradient came out 2.8%
-        # off for one CIFAR-100 image (tests/test_victims.py)
+        # off for one CIFAR-100 image (tests/case/test_victims.py)
         dims = [0, *range(2, x.dim())]
         wide = x.double() if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x
         centred = wide - wide.mean(dims, keepdim=True)

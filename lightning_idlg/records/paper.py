@@ -57,7 +57,7 @@ def fidelity(dataset: str, method: str) -> dict[str, float] | None:
 
 
 # -- the protocol, as config values ---------------------------------------------------------------------
-#: What experiment=paper_* sets, as dotted config keys (tests/test_app.py checks the presets against it):
+#: What experiment=paper_* sets, as dotted config keys (tests/apps/test_app.py checks the presets against it):
 #: untrained sigmoid LeNet with U(-0.5, 0.5) weights, L-BFGS lr 1 with PyTorch's defaults and no line
 #: search, 300 steps, stop at D < 1e-6, no patience, no restarts, iDLG's label from the reference script's rule.
 PROTOCOL = {

@@ -9,7 +9,7 @@ computed then, its own victim, label, dummy draw and optimizer state), so every 
 until the queue is empty.
 
 Nothing couples the slots, so a trial's record is the one it gets alone, up to float32 rounding of the
-batched kernels (tests/test_continuous.py compares with solo runs in float64). Records are appended as trials
+batched kernels (tests/run/test_continuous.py compares with solo runs in float64). Records are appended as trials
 end (a crash loses no finished trial) and resume skips them; a resumed trial runs beside other trials than
 it first did, which changes its record only by that rounding (a fixed group reproduces it bit for bit:
 case.plan.plan_batches). Attacks run one after the other (attack=both: all DLG trials, then all iDLG

@@ -24,7 +24,7 @@ from lightning_idlg.case.model import LeNet, make_victim
 from tests.toys import bn_victims
 from tests.conftest import compose_config, run_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOY_CONFIGS = ROOT / "tests" / "configs"
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,7 +28,7 @@ from lightning_idlg.case.model import DefaultInit, LeNet, UniformInit, make_vict
 from tests import cli
 from tests.conftest import run_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLIENTS, CLASSES = 200, 100
 
 

@@ -23,7 +23,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # sweeps 0.3 declares a pydantic-v1 Config: its noise
     import sweeps
 
-SWEEPS = sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
 LAUNCH = ["${env}", "${interpreter}", "-m", "lightning_idlg", "${args_no_hyphens}"]
 
 

@@ -23,8 +23,8 @@ from lightning_idlg.attacks.optimizer import BatchedAdam
 from lightning_idlg.attacks.regularizers import BatchNormPrior, TotalVariation
 from lightning_idlg.attacks.stopping import Stopping
 from lightning_idlg.case.model import LeNet, make_victim
-from tests.test_core import app, cfg_of
-from tests.test_objective import CLASSES, K, SIDE, _setup
+from tests.records.test_core import app, cfg_of
+from tests.attacks.test_objective import CLASSES, K, SIDE, _setup
 from tests.toys import bn_victims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,7 +66,7 @@ def test_cosine_objective_of_a_linear_layer_by_hand():
 
 
 def _lenets(dtype):
-    """K LeNets, their shared gradients and dummies, as tests/test_objective.py makes them."""
+    """K LeNets, their shared gradients and dummies, as tests/attacks/test_objective.py makes them."""
     victims, weights, shared, _, labels, dummy, _ = _setup(dtype)
     return victims, weights, shared, labels, dummy
 

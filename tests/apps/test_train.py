@@ -17,7 +17,7 @@ from lightning_idlg.train import check_settings
 from lightning_idlg.case.model import CheckpointInit
 from tests.conftest import run_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # a narrow ResNet-8 on 8x8 digits: one epoch over 64 images in a second or two
 TINY = ["model=resnet20", "model.factory.depth=8", "model.factory.width=0.25", "dataset.image_size=8"]
 

@@ -82,7 +82,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
     """A holder killed by SIGKILL leaves .lock behind, but not the lock: the next run takes it."""
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lightning_idlg.records.rundir import RunDirLock\n"
                                f"with RunDirLock({str(tmp_path)!r}):\n    print('locked', flush=True); time.sleep(60)"],
-                              env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                              env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     from lightning_idlg.errors import ConfigError

@@ -22,7 +22,7 @@ from lightning_idlg.run.experiment import run
 from tests import cli
 from tests.conftest import compose_config
 
-OLD = Path(__file__).parent / "data" / "faabc40" / "paper_digits"
+OLD = Path(__file__).resolve().parents[1] / "data" / "faabc40" / "paper_digits"
 OVERRIDES = yaml.safe_load((OLD / ".hydra" / "overrides.yaml").read_text())
 
 

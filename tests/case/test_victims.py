@@ -23,7 +23,7 @@ from lightning_idlg.case.model import DefaultInit, make_victim
 from tests.toys import TinyBN
 from tests import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # breaching 0.1.2's state dicts of resnet20, ResNet18 and convnet for CIFAR-100 (the file says how it was made)
 BREACHING = json.loads((ROOT / "tests" / "data" / "breaching_state_dicts.json").read_text())
 pytestmark = pytest.mark.usefixtures("one_thread")

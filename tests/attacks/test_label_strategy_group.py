@@ -12,7 +12,7 @@ from lightning_idlg.app import expand_shortcuts
 from lightning_idlg.attacks import labels as L
 from tests.conftest import compose_config
 
-OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "label_strategy").glob("*.yaml"))
+OPTIONS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "label_strategy").glob("*.yaml"))
 CLASSES = {"analytic": L.AnalyticLabel, "learned": L.LearnedLabel, "yin": L.Yin, "llg": L.LLG, "llgplus": L.LLGPlus,
            "bias_corrected": L.BiasCorrected}
 

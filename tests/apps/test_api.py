@@ -23,7 +23,7 @@ from tests.toys import TinyNet
 from tests import cli
 from tests.conftest import run_app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

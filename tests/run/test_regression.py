@@ -11,7 +11,7 @@ agree here they agree on every CPU; tolerances are the measured disagreement tim
   the paper's L-BFGS (40 iterations) and of the strong-Wolfe L-BFGS; measured within 1e-10, checked to 1e-6;
 - float32, end to end through the app (data, a victim per trial, client, the rank-one head route): the
   first 8 L-BFGS iterations (steps=2, max_iter=4), before float32 trajectories part; measured within 1e-4,
-  checked to 1e-2. Beyond those iterations tests/test_app.py checks outcomes (convergence, labels).
+  checked to 1e-2. Beyond those iterations tests/apps/test_app.py checks outcomes (convergence, labels).
 Counts, statuses and labels are exact; integers drawn from the seed (images, labels) are pinned."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from lightning_idlg.case.defense import (DPSGD, Chain, Defense, GaussianNoise, H
                                      NormClip, Prune, TopK, compose, utility)
 from lightning_idlg.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 OPTIONS = sorted(path.stem for path in (CONFIGS / "defense").glob("*.yaml"))
 SHAPES = {"conv.weight": (4, 2, 3, 3), "conv.bias": (4,), "fc.weight": (5, 6), "fc.bias": (5,)}
 ENTRIES = 200_000  # noise statistics: the sample variance is within ~0.5% (Laplace) of the true one

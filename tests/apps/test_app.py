@@ -26,7 +26,7 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.run.experiment import run
 from tests.conftest import compose_config, run_app
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = ("dataset", "model", "model/init", "client", "defense", "attack", "method", "optimizer", "trainer", "logger",
           "experiment")
 

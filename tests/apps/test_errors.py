@@ -17,10 +17,8 @@ from lightning_idlg.errors import ConfigError
 from lightning_idlg.run.experiment import validate
 
 BASE = ["steps=2", "threads=1", "progress_bar=false", "pictures=false", "progress_trials=0"]
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from test_data import write_cifar100_pickle, write_mnist_test  # noqa: E402
-from tests import cli  # noqa: E402
+from tests import cli
+from tests.case.test_data import write_cifar100_pickle, write_mnist_test
 
 
 def error_line(tmp_path: Path, *args: str) -> str:

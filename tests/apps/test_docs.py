@@ -11,7 +11,7 @@
 - Every page in mkdocs.yml's nav exists, and every .md file under docs/ (but those mkdocs.yml excludes) is in
   the nav or linked from a page in it.
 
-Without torch (tests/conftest.py imports it): python -m pytest --noconftest tests/test_docs.py
+Without torch (tests/conftest.py imports it): python -m pytest --noconftest tests/apps/test_docs.py
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"

@@ -18,7 +18,7 @@ from PIL import Image
 from lightning_idlg.case import dataset as D
 from lightning_idlg.case.plan import pick_trials
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dataset"
 RNG = np.random.default_rng(0)
 
 
