@@ -14,9 +14,6 @@ axis; `trials=N` attacks it N times from N different dummy draws.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -30,6 +27,7 @@ from lightning_idlg.case.client import SharedGradient, functional_victim, share_
 from lightning_idlg.app import expand_shortcuts
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.records.moved import modernize_config
+from lightning_idlg.run.quiet import quieted
 from lightning_idlg.attacks.fit import attack_batch
 from lightning_idlg.case.plan import Trial, derive_seed
 from lightning_idlg.case.model import output_layer
@@ -103,7 +101,7 @@ def attack(model: nn.Module, gradient: Mapping[str, torch.Tensor] | Sequence[tor
         buffers=held if buffers else None,
     )
     plan = [Trial(i, (), derive_seed(seed, i, 0), derive_seed(seed, i, 1)) for i in range(trials)]
-    with _quiet():
+    with quieted():
         result, _ = attack_batch(cfg, method, shared, plan, logger=None, callbacks=[],
                                  trainer_args={"enable_progress_bar": False})
     return Reconstruction(result.method, result.dummy, result.predicted_label, result.distance, result.status,
@@ -126,22 +124,6 @@ def show(result: Reconstruction, images: torch.Tensor | None = None, scale: floa
         axes[r, 0].set_title(title, fontsize=8, loc="left")
     figure.tight_layout()
     return figure
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Lightning's per-fit banners and warnings off for the call (one Trainer per call), restored after."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*(LeafSpec|litlogger|does not have many workers).*")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
 
 
 def _named(model: nn.Module, gradient) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 
 import hydra
 from hydra.errors import InstantiationException
@@ -14,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.records.moved import modernize_config
 from lightning_idlg.records.rundir import RunDirLock
+from lightning_idlg.run.quiet import quiet_lightning
 
 # torch, Lightning and the experiment are imported once the run dir's lock is taken (`_run`): a second run
 # into a busy dir stops in about a second instead of after ~5 s of imports
@@ -36,17 +36,6 @@ class StdoutHandler(logging.StreamHandler):
         pass
 
 
-def _quiet_lightning() -> None:
-    # one Trainer per attack batch: Lightning's per-fit banners would drown the progress bar
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # the attack logs its curves itself (monitor.py), at every step: Lightning's log_every_n_steps has no say
-    warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", ".*litlogger.*")
-
-
 @hydra.main(version_base="1.3", config_path="pkg://lightning_idlg.configs", config_name="config")
 def app(cfg: DictConfig) -> dict | float:
     """The summary; with `optimized_metric` set, that one number of it (what a Hydra sweeper optimizes)."""
@@ -54,14 +43,14 @@ def app(cfg: DictConfig) -> dict | float:
         with RunDirLock(HydraConfig.get().runtime.output_dir):  # experiment.run takes it again (re-entrant)
             return _run(cfg)
     except ConfigError as err:  # the run dir is another run's
-        _fail(err)
+        fail(err)
 
 
 def _run(cfg: DictConfig) -> dict | float:
     from lightning_idlg.run.experiment import run
     from lightning_idlg.run.tracking import MetricNameError, metric_names, metric_value
 
-    _quiet_lightning()
+    quiet_lightning()
     for change in modernize_config(cfg):  # a _target_ of a module that moved (old YAML, old overrides)
         print(f"note: {change} (the module moved; the old path keeps working)", file=sys.stderr)
     name = cfg.get("optimized_metric")
@@ -77,9 +66,9 @@ def _run(cfg: DictConfig) -> dict | float:
         cause = err.__cause__
         if not isinstance(cause, (FileNotFoundError, ValueError, RuntimeError)):
             raise
-        _fail(cause)
+        fail(cause)
     except (ConfigError, FileNotFoundError, MetricNameError) as err:
-        _fail(err)
+        fail(err)
 
 
 def hydra_files(cfg: DictConfig) -> dict[str, str]:
@@ -93,7 +82,7 @@ def hydra_files(cfg: DictConfig) -> dict[str, str]:
             ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
-def _fail(err: BaseException) -> None:
+def fail(err: BaseException) -> None:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
 
@@ -141,6 +130,6 @@ def main() -> None:
     for argument in sys.argv[1:]:
         message = moved_key(argument)
         if message:
-            _fail(ConfigError(message))
+            fail(ConfigError(message))
     sys.argv[1:] = expand_shortcuts(sys.argv[1:])
     app()

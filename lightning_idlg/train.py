@@ -162,8 +162,9 @@ def train(cfg: DictConfig, out: str | Path) -> list[dict]:
 
     from lightning_idlg.case.model import make_victim
 
-    for name in ("lightning.pytorch", "lightning.fabric"):  # their banners (GPU available: ...), set on import
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from lightning_idlg.run.quiet import quiet_lightning
+
+    quiet_lightning(logging.WARNING, filters=False)  # their banners (GPU available: ...), set on import
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     out = Path(out)
@@ -201,18 +202,19 @@ def attack_command(path: Path) -> str:
 def app(cfg: DictConfig) -> list[dict]:
     from hydra.errors import InstantiationException
 
-    from lightning_idlg.app import _fail, _quiet_lightning
+    from lightning_idlg.app import fail
+    from lightning_idlg.run.quiet import quiet_lightning
 
-    _quiet_lightning()
+    quiet_lightning()
     out = HydraConfig.get().runtime.output_dir
     try:
         saved = train(cfg, out)
     except InstantiationException as err:  # a loader's or model's own one-line message
         if not isinstance(err.__cause__, (ConfigError, FileNotFoundError, ValueError)):
             raise
-        _fail(err.__cause__)
+        fail(err.__cause__)
     except (ConfigError, FileNotFoundError) as err:
-        _fail(err)
+        fail(err)
     log.info("attack it: %s", attack_command(Path(out) / saved[-1]["files"][-1]))
     return saved
 

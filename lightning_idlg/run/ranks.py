@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.run import tracking
+from lightning_idlg.run.quiet import LIGHTNING_LOGGERS
 
 
 # K = 32 on a CPU core: measured time per trial-evaluation (1 thread, 10 L-BFGS steps, all trials active) for
@@ -170,7 +171,7 @@ def rank_config(cfg: DictConfig) -> DictConfig:
     return plain
 
 
-LOGGER_NAMES = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_idlg")
+LOGGER_NAMES = (*LIGHTNING_LOGGERS, "lightning_idlg")
 
 
 def _process_state() -> dict:
