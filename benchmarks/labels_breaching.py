@@ -52,6 +52,7 @@ def our_side(overrides: list[str], clients: int, group: int, work: Path, whitebo
     from omegaconf import OmegaConf
 
     from lightning_idlg import label_restoration as lr
+    from lightning_idlg.report.labels import victim_title
     from lightning_idlg.records.label_metrics import score
     from lightning_idlg.case.model import output_layer
 
@@ -93,7 +94,7 @@ def our_side(overrides: list[str], clients: int, group: int, work: Path, whitebo
         torch.save({"batch_size": b, "weight": torch.cat(got["weight"]), "bias": torch.cat(got["bias"])}, work / f"cell_{i}.pt")
         cells.append({"labels": mode, "batch_size": b, "ours": ours, "private": private.tolist()})
     return cells, {"dataset": dataset.name, "num_classes": dataset.num_classes, "ours_restore_s": seconds,
-                   "victim": lr.victim_title(describe), "rows": rows}
+                   "victim": victim_title(describe), "rows": rows}
 
 
 def breaching_scores(cells: list[dict], results: list[dict], num_classes: int) -> None:

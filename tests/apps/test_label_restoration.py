@@ -23,7 +23,8 @@ from lightning_idlg.attacks import labels as L
 from lightning_idlg.case.client import Client, PrivateBatch, stack_victims
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.records.label_metrics import count_accuracy, exact_multiset, instance_accuracy, label_counts, score
-from lightning_idlg.label_restoration import COLUMNS, draw_clients
+from lightning_idlg.label_restoration import draw_clients
+from lightning_idlg.report.labels import COLUMNS
 from lightning_idlg.case.model import DefaultInit, LeNet, UniformInit, make_victim
 from tests import cli
 from tests.conftest import run_app

@@ -340,7 +340,7 @@ def test_offline_wandb_run_of_a_b3_client_logs_one_panel_per_client(tmp_path):
 def test_offline_wandb_label_restoration_logs_table_and_plot(tmp_path):
     """lightning-idlg-labels logger=wandb: the W&B run holds the per-cell table (labels.csv's columns and
     rows) and labels.png, the config, and the strategies and data set as tags."""
-    from lightning_idlg.label_restoration import COLUMNS
+    from lightning_idlg.report.labels import COLUMNS
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "lightning_idlg.label_restoration", "logger=wandb", "clients=6", "clients_per_group=3",
