@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_idlg.attacks.inversion import AttackResult, GradientInversion
+from lightning_idlg.attacks.inversion import GradientInversion
+from lightning_idlg.attacks.result import AttackResult
 from lightning_idlg.case.client import SharedGradient
 from lightning_idlg.case.plan import Trial
 

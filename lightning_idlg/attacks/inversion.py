@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
@@ -47,41 +46,13 @@ from lightning_idlg.attacks.dummy import GaussianDummy
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.attacks.labels import LabelStrategy
 from lightning_idlg.attacks.objective import SquaredL2
+from lightning_idlg.attacks.result import AttackResult
+from lightning_idlg.attacks.slots import Arrival, Slots
 from lightning_idlg.attacks.stopping import Stopping
 from lightning_idlg.records.schema import CONVERGED, DIVERGED, NOT_CONVERGED
 
 
-
-@dataclass
-class AttackResult:
-    """What the attacker ends with, per trial (K rows of B samples). Snapshots: step -> (S, B, C, H, W)
-    dummies of the first S trials, taken every `snapshot_every` steps (step 0 is the initial draw)."""
-
-    method: str
-    dummy: torch.Tensor            # (K, B, C, H, W)
-    predicted_label: torch.Tensor  # (K, B)
-    distance: torch.Tensor
-    status: list[str]
-    steps: torch.Tensor
-    evaluations: torch.Tensor
-    seconds: float
-    restarts: torch.Tensor
-    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """A trial entering a freed slot (continuous batching): `token` names it to `on_finish`, `shared` is its
-    client's SharedGradient (one trial), `dummy_seed` its dummy draw's seed, `snapshot` whether its
-    progress snapshots are kept."""
-
-    token: Any
-    shared: SharedGradient
-    dummy_seed: int
-    snapshot: bool = False
-
-
-class GradientInversion(pl.LightningModule):
+class GradientInversion(Slots, pl.LightningModule):
     def __init__(self, shared: SharedGradient, label_strategy: LabelStrategy,
                  optimizer: Callable[..., torch.optim.Optimizer], stopping: Stopping | None = None,
                  objective=None, dummy=None, regularizers: Mapping[str, Callable] | None = None,
@@ -133,6 +104,19 @@ class GradientInversion(pl.LightningModule):
             if hasattr(regularizer, "bind"):  # a prior on the victim's internals (BatchNormPrior)
                 regularizer.bind(self.model, shared)
 
+        self._register_trial_state(k)
+        self.snapshots: dict[int, torch.Tensor] = {}
+        self._init_slots(k, refill, on_finish, tokens, queued, snapshot_trials)
+        self._gathered: dict[tuple, tuple[dict, dict, dict]] = {}  # see _held_rows
+        self.gathers = 0
+        self._started = 0.0
+        self.seconds = 0.0
+        self.evaluations = torch.zeros(k, dtype=torch.long)
+
+
+    def _register_trial_state(self, k: int) -> None:
+        """Each trial's stopping state (objective, steps, statuses, restarts, patience; the best iterate with
+        keep=best), as buffers that move with the module."""
         self.register_buffer("distance", torch.full((k,), float("inf")))
         self.register_buffer("steps_used", torch.zeros(k, dtype=torch.long))
         self.register_buffer("converged", torch.zeros(k, dtype=torch.bool))
@@ -146,23 +130,8 @@ class GradientInversion(pl.LightningModule):
         if self.stopping.keep == "best":  # the lowest objective seen and the iterate it was measured at
             self.register_buffer("best_distance", torch.full((k,), float("inf")))
             self.register_buffer("best_dummy", self.dummy.detach().clone())
-            if label_strategy.learned:
+            if self.label_strategy.learned:
                 self.register_buffer("best_label", self.dummy_label.detach().clone())
-        self.snapshots: dict[int, torch.Tensor] = {}
-        # continuous batching: who is in each slot, since when, its snapshots; `handed_over`: the slot's trial
-        # went to on_finish and nothing came to replace it (the slot is empty)
-        self.refill, self.on_finish = refill, on_finish
-        self.tokens = list(tokens) if tokens is not None else list(range(k))
-        self.queued = queued  # trials refill may still bring (bounds the steps Lightning is given)
-        self._entered = [0.0] * k
-        self._slot_snapshots: list[dict[int, torch.Tensor] | None] = \
-            [{} if row < snapshot_trials else None for row in range(k)]
-        self.register_buffer("handed_over", torch.zeros(k, dtype=torch.bool))
-        self._gathered: dict[tuple, tuple[dict, dict, dict]] = {}  # see _held_rows
-        self.gathers = 0
-        self._started = 0.0
-        self.seconds = 0.0
-        self.evaluations = torch.zeros(k, dtype=torch.long)
 
     # what the attacker holds -------------------------------------------------------------------------
     def _store(self, prefix: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -364,68 +333,6 @@ class GradientInversion(pl.LightningModule):
                     kept[0] = self.dummy.detach()[row].cpu().clone()
         elif self.snapshot_trials:
             self.snapshots[step] = self.dummy.detach()[: self.snapshot_trials].cpu().clone()
-
-    # continuous batching ----------------------------------------------------------------------------------
-    def _snapshot_slots(self, running: torch.Tensor) -> None:
-        """Each slot's snapshots at its trial's own step counts (a trial entering at global step 57 has its
-        step 10 at global step 67)."""
-        if not self.snapshot_every:
-            return
-        for row, kept in enumerate(self._slot_snapshots):
-            steps = int(self.steps_used[row])
-            if kept is not None and running[row] and steps % self.snapshot_every == 0:
-                kept[steps] = self.dummy.detach()[row].cpu().clone()
-
-    def _hand_over(self, raw) -> None:
-        """Trials stopped for good go to on_finish; their slots take the next trials from refill."""
-        done = (self.converged | self.diverged | self.stopped) & ~self.handed_over
-        now = time.perf_counter()
-        for row in done.nonzero().flatten().tolist():
-            # the record's `seconds`: its time in flight, shared with the K slots it ran beside
-            self.on_finish(self.tokens[row], self._rows_result([row], raw.evaluations[[row]].cpu(),
-                                                               (now - self._entered[row]) / self.trials))
-            arrival = self.refill() if self.refill is not None else None
-            if arrival is None:
-                self.handed_over[row] = True
-            else:
-                self._enter(row, arrival, raw)
-
-    def _enter(self, row: int, arrival: Arrival, raw) -> None:
-        """Put a new trial into slot `row`: everything a trial has of its own starts as in a fresh attack."""
-        shared = arrival.shared
-        if shared.trials != 1 or shared.batch_size != self.batch_size or shared.num_classes != self.num_classes:
-            raise ValueError("a refilled trial must be one trial of the group's client batch size and classes")
-        held = {"weight": shared.weights, "buffer": shared.buffers or {},
-                "target": self._distance.prepare(shared.gradients)}
-        for prefix, tensors in held.items():
-            if list(tensors) != self._names[prefix]:
-                raise ValueError(f"a refilled trial's {prefix}s {list(tensors)} differ from the group's "
-                                 f"{self._names[prefix]}: continuous batching needs trials alike in what they share")
-            for i, (name, t) in enumerate(tensors.items()):
-                slot = getattr(self, f"{prefix}_{i}")
-                if (prefix, name) in self._one_network:  # one network for all: it must be that one
-                    if not torch.equal(slot[0], t[0].to(slot)):
-                        raise ValueError("this group holds one network for all trials; a refilled trial "
-                                         "brought another")
-                else:
-                    slot[row] = t[0].to(slot)
-        self._gathered = {}  # gathered rows of the old trial's victim
-        if not self.label_strategy.learned:
-            self.label[row] = self.label_strategy.restore(shared)[0].to(self.label)
-        self.tokens[row], self.dummy_seeds[row] = arrival.token, arrival.dummy_seed
-        self._new_attempt(row, 0)
-        self.steps_used[row] = self.restarts[row] = 0
-        if self.stopping.keep == "best":
-            self.best_distance[row] = float("inf")
-            self.best_dummy[row] = self.dummy.detach()[row]
-            if self.label_strategy.learned:
-                self.best_label[row] = self.dummy_label.detach()[row]
-        mask = torch.zeros_like(self.converged)
-        mask[row] = True
-        raw.reset(mask)
-        raw.evaluations[row] = 0
-        self._entered[row] = time.perf_counter()
-        self._slot_snapshots[row] = {0: self.dummy.detach()[row].cpu().clone()} if arrival.snapshot else None
 
     def on_train_end(self) -> None:
         self.seconds = time.perf_counter() - self._started

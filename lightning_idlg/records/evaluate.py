@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_idlg.attacks.inversion import AttackResult
+from lightning_idlg.attacks.result import AttackResult
 from lightning_idlg.case.client import PrivateBatch
 from lightning_idlg.case.plan import Trial
 from lightning_idlg.records import metrics

@@ -25,7 +25,8 @@ from typing import Protocol
 import torch
 from rich.progress import Progress
 
-from lightning_idlg.attacks.inversion import Arrival, AttackResult
+from lightning_idlg.attacks.result import AttackResult
+from lightning_idlg.attacks.slots import Arrival
 from lightning_idlg.case.client import PrivateBatch, SharedGradient
 from lightning_idlg.case.plan import Trial
 from lightning_idlg.case.share import ClientSide

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from lightning_idlg.attacks.inversion import AttackResult
+from lightning_idlg.attacks.result import AttackResult
 from lightning_idlg.case.client import PrivateBatch
 from lightning_idlg.case.plan import Trial, plan_batches, plan_trials
 from lightning_idlg.case.share import ClientSide

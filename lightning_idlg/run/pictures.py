@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from omegaconf import DictConfig
 from torchvision.transforms.functional import to_pil_image
 
-from lightning_idlg.attacks.inversion import AttackResult
+from lightning_idlg.attacks.result import AttackResult
 from lightning_idlg.case.client import PrivateBatch
 from lightning_idlg.case.plan import Trial
 from lightning_idlg.records import metrics

@@ -23,7 +23,7 @@ from lightning_idlg.case.client import PrivateBatch
 from lightning_idlg.errors import ConfigError
 from lightning_idlg.case.plan import Trial
 from lightning_idlg.records.evaluate import evaluate
-from lightning_idlg.attacks.inversion import AttackResult
+from lightning_idlg.attacks.result import AttackResult
 from lightning_idlg.records.store import summarize
 from tests.conftest import run_app
 
