@@ -48,8 +48,7 @@ from lightning_idlg.attacks.labels import LabelStrategy
 from lightning_idlg.attacks.objective import SquaredL2
 from lightning_idlg.attacks.result import AttackResult
 from lightning_idlg.attacks.slots import Arrival, Slots
-from lightning_idlg.attacks.stopping import Stopping
-from lightning_idlg.records.schema import CONVERGED, DIVERGED, NOT_CONVERGED
+from lightning_idlg.attacks.stopping import CONVERGED, DIVERGED, NOT_CONVERGED, Stopping
 
 
 class GradientInversion(Slots, pl.LightningModule):

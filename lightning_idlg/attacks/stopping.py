@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from lightning_idlg.errors import ConfigError, is_positive_int, is_positive_number, one_of
 
 
+CONVERGED, NOT_CONVERGED, DIVERGED = "converged", "not_converged", "diverged"  # how a trial ended
+STATUSES = (CONVERGED, NOT_CONVERGED, DIVERGED)
 KEEP = ("last", "best")
 RESTART_WHEN = ("failed", "always")
 

@@ -3,6 +3,8 @@ display names, the trial statuses, and the config keys that never change what a 
 
 from __future__ import annotations
 
+from lightning_idlg.attacks import stopping
+
 TRIALS_FILE = "trials.jsonl"             # one record per (method, trial), appended as groups finish
 RANK_FILE_GLOB = "trials.rank*.jsonl"    # a rank's records until rank 0 merges them (run/ranks.py)
 SUMMARY_FILE = "summary.json"
@@ -10,8 +12,9 @@ SUMMARY_FILE = "summary.json"
 METHOD_ORDER = ("dlg", "idlg")           # rows of a summary, a report table, a picture, a progress strip
 METHOD_NAMES = {"dlg": "DLG", "idlg": "iDLG"}
 
-CONVERGED, NOT_CONVERGED, DIVERGED = "converged", "not_converged", "diverged"
-STATUSES = (CONVERGED, NOT_CONVERGED, DIVERGED)
+# how a trial ended: the attack's stopping rules name it (attacks/stopping.py), a record says it
+CONVERGED, NOT_CONVERGED, DIVERGED, STATUSES = (stopping.CONVERGED, stopping.NOT_CONVERGED, stopping.DIVERGED,
+                                                stopping.STATUSES)
 
 # A picture written by this package says so in its PNG text (pictures.py), so a report may relabel it.
 LAYOUT_KEY, LAYOUT_VALUE = "lightning_idlg", "labelled"

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning_idlg.report import defenses as leakage
+from lightning_idlg.report import defenses as leakage  # the defense section
 from lightning_idlg.report.figures import choose_strips, plot_fidelity, plot_progress
 from lightning_idlg.report.markdown import NO_STRIPS, STRIPS_LEFT_OUT, markdown, notes, victim_section
 from lightning_idlg.report.runs import Run, find_runs, group_records

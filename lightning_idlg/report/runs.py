@@ -245,8 +245,6 @@ def config_key(record: dict, run_config: dict, dropped: set[str]) -> str:
     """What else made the record: its run's result-changing settings (report.setting: all but seed, trials
     and run placement), less the row's own keys `dropped` and the run's other attacks, hashed. Records
     pool only where this agrees."""
-    from lightning_idlg.report import setting  # report imports this module
-
     method = record["method"]
     kept = {k: v for k, v in setting(run_config).items()
             if k not in dropped and not (k.startswith(("attack.", "method.")) and k.split(".")[1] != method)}
