@@ -1,5 +1,6 @@
-"""Label strategies are chosen by name: configs/label_strategy/ is a config group, the iDLG and IG attacks
-take theirs as a nested default, and `labels=NAME` is the app's shortcut for iDLG's."""
+"""Parts chosen by name: label strategies (configs/label_strategy/, the idlg and ig attacks' nested default;
+`labels=NAME` is the app's shortcut for iDLG's), objectives (configs/objective/, every attack's nested
+default) and regularizers (configs/regularizer/, appended to the run-wide priors)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,28 @@ def test_another_attack_names_its_node():
     cfg = cfg_of("method=ig", "label_strategy@attack.ig.label_strategy=bias_corrected")
     assert type(instantiate(cfg.attack.ig.label_strategy)) is L.BiasCorrected
     assert expand_shortcuts(["labels=yin", "steps=3"]) == ["label_strategy@attack.idlg.label_strategy=yin", "steps=3"]
+
+
+# -- objectives and regularizers: groups too --------------------------------------------------------------
+
+def test_each_attack_takes_its_objective_from_the_group():
+    cfg = cfg_of("method=both")
+    assert dict(cfg.attack.dlg.objective) == dict(cfg.attack.idlg.objective) == {
+        "_target_": "lightning_idlg.attacks.objective.SquaredL2"}
+    assert dict(cfg_of("method=ig").attack.ig.objective) == {
+        "_target_": "lightning_idlg.attacks.objective.CosineSimilarity", "layer_weights": "equal"}
+
+
+@pytest.mark.parametrize("name,cls", [("squared_l2", "SquaredL2"), ("cosine", "CosineSimilarity"),
+                                      ("local_updates", "LocalUpdates")])
+def test_every_objective_option_builds(name, cls):
+    cfg = cfg_of("method=idlg", f"objective@attack.idlg.objective={name}")
+    assert type(instantiate(cfg.attack.idlg.objective)).__name__ == cls
+
+
+def test_a_regularizer_by_name_is_the_reliable_presets_prior():
+    ours = cfg_of("+regularizer@regularizers.tv=tv", "regularizers.tv.weight=3e-8")
+    preset = cfg_of("experiment=paper_mnist_reliable")
+    assert ours.regularizers == preset.regularizers
+    assert ours.attack.idlg.regularizers.tv.weight == 3e-8  # the attacks read the run-wide priors
+    assert instantiate(cfg_of("+regularizer@regularizers.bn=bn").regularizers.bn).weight == 0.1
