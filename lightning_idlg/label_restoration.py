@@ -33,17 +33,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_idlg.case.plan import derive_seed  # stream 0: client i here meets the app's trial i's victim
 from lightning_idlg.errors import ConfigError, positive_int
 from lightning_idlg.report.labels import COLUMNS, LABEL_MODES, SCORE_NAMES, markdown, write_outputs
 
 log = logging.getLogger(__name__)
-
-
-
-def derive_seed(seed: int, index: int, stream: int) -> int:
-    """experiment.derive_seed's formula (that module imports Lightning, which this experiment does not
-    need): stream 0 is trial `index`'s victim, so client i here meets the victim of trial i there."""
-    return ((seed * 1_000_003 + index) * 16 + stream) % (2**63)
 
 
 # ------------------------------------------------------------------------------------------------ clients
