@@ -28,6 +28,20 @@ def positive_int(key: str, value, what: str | None = None) -> int:
     return value
 
 
+def instantiate_part(node, causes: tuple[type[BaseException], ...] = (ConfigError,)):
+    """`hydra.utils.instantiate(node)`, raising the part's own error (one of `causes`: its one line) instead of
+    Hydra's InstantiationException around it; any other failure stays Hydra's."""
+    from hydra.errors import InstantiationException  # imported here: this module is imported before torch
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, causes):
+            raise err.__cause__ from None
+        raise
+
+
 def one_of(key: str, value, valid: Iterable) -> object:
     """`value` if it is one of `valid`, else ConfigError "KEY=V is not known; valid: A, B"."""
     valid = tuple(valid)

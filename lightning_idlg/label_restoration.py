@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_idlg.case.plan import derive_seed  # stream 0: client i here meets the app's trial i's victim
-from lightning_idlg.errors import ConfigError, positive_int
+from lightning_idlg.errors import ConfigError, instantiate_part, positive_int
 from lightning_idlg.report.labels import COLUMNS, LABEL_MODES, SCORE_NAMES, markdown, write_outputs
 
 log = logging.getLogger(__name__)
@@ -118,15 +118,12 @@ def strategies(cfg: DictConfig) -> dict:
     """name -> label strategy (configs/label_restoration.yaml `strategies`); learned ones have nothing to
     restore and are refused."""
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     parts = {}
     for name, node in (cfg.strategies or {}).items():
         try:
-            part = instantiate(node)
-        except InstantiationException as err:
-            if isinstance(err.__cause__, ConfigError):
-                raise err.__cause__ from None
+            part = instantiate_part(node)
+        except InstantiationException as err:  # not the part's own one-line error: say which part
             raise ConfigError(f"strategies.{name} cannot be built: {str(err).splitlines()[0]}") from None
         if getattr(part, "learned", True) or not hasattr(part, "restore"):
             raise ConfigError(f"strategies.{name} is not a label strategy that restores labels; valid: "
@@ -176,7 +173,9 @@ def restore_cells(cfg: DictConfig, dataset, parts: dict):
     time per strategy). Victims are built once per group and reused by every cell (client i meets the same
     victim at every B and label draw). This experiment and benchmarks/labels_breaching.py both read it."""
     images, labels = dataset_tensors(dataset)
-    defense = compose_defense(cfg)
+    from lightning_idlg.case.share import make_defense  # as the attack runs compose them
+
+    defense = make_defense(cfg)
     picks = draw_cells(cfg, labels)
     group = cfg.clients_per_group
     for chunk in [list(range(s, min(s + group, cfg.clients))) for s in range(0, cfg.clients, group)]:
@@ -220,26 +219,9 @@ def run(cfg: DictConfig, overrides: str = "") -> list[dict]:
              **{s: t[s] / t["clients"] for s in SCORE_NAMES}} for (mode, b, name), t in sums.items()]
 
 
-def compose_defense(cfg: DictConfig):
-    """The client's defenses (defense=..., a list applies them in order), as in the attack runs."""
-    from hydra.utils import instantiate
-
-    from lightning_idlg.case.defense import compose
-
-    return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
-
-
 def load_dataset(cfg: DictConfig):
     """The data set; a loader's own one-line error (missing files, bad root) rather than Hydra's wrapper."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(cfg.dataset)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, (ConfigError, FileNotFoundError)):
-            raise err.__cause__ from None
-        raise
+    return instantiate_part(cfg.dataset, (ConfigError, FileNotFoundError))
 
 
 def share(cfg, batch_size, model, weights, buffers, images, labels, num_classes, defense, chunk):

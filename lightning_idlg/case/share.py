@@ -16,6 +16,7 @@ from lightning_idlg.case.dataset import TrialImages
 from lightning_idlg.case.defense import Defense, compose
 from lightning_idlg.case.model import make_victim
 from lightning_idlg.case.plan import Trial
+from lightning_idlg.errors import instantiate_part
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,7 @@ class ClientSide:
 
     @classmethod
     def from_config(cls, cfg: DictConfig, dataset: TrialImages) -> "ClientSide":
-        return cls(dataset, instantiate(cfg.model.factory), instantiate(cfg.model.init), instantiate(cfg.client),
-                   make_defense(cfg))
+        return cls(dataset, *client_parts(cfg))
 
     def victim(self, seed: int) -> nn.Module:
         c, h, _ = self.dataset.shape
@@ -62,6 +62,13 @@ def prepare_batch(cfg: DictConfig, dataset: TrialImages, batch: list[Trial]):
     return ClientSide.from_config(cfg, dataset).share(batch)
 
 
+def client_parts(cfg: DictConfig) -> tuple[Callable[..., nn.Module], Callable[[nn.Module], nn.Module], Client, Defense]:
+    """(victim factory, victim init, client, defense) of `cfg`, built in the order a bad setting is reported:
+    the client, the victim's init, the defenses (each part's own one-line error)."""
+    client, init = instantiate_part(cfg.client), instantiate_part(cfg.model.init)
+    return instantiate(cfg.model.factory), init, client, make_defense(cfg)
+
+
 def make_defense(cfg: DictConfig) -> Defense:
     """The client's defenses (defense=..., a list applies them in order) as one transform."""
-    return compose({name: instantiate(node) for name, node in (cfg.get("defense") or {}).items()})
+    return compose({name: instantiate_part(node) for name, node in (cfg.get("defense") or {}).items()})

@@ -7,17 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
 from lightning_idlg.attacks.fit import Attack
 from lightning_idlg.case.client import Client
 from lightning_idlg.case.dataset import TrialImages
-from lightning_idlg.case.defense import Defense, compose
-from lightning_idlg.case.share import ClientSide
-from lightning_idlg.errors import ConfigError
+from lightning_idlg.case.defense import Defense
+from lightning_idlg.case.share import ClientSide, client_parts
+from lightning_idlg.errors import instantiate_part
 from lightning_idlg.records.evaluate import Evaluation
 
 ATTACK_PARTS = ("label_strategy", "stopping", "dummy", "objective")  # checked here; each group gets fresh ones
@@ -38,12 +36,10 @@ class Parts:
 
     @classmethod
     def build(cls, cfg: DictConfig) -> "Parts":
-        client, init = built(cfg.client), built(cfg.model.init)
-        defense = compose({name: built(node) for name, node in (cfg.get("defense") or {}).items()})
-        parts = cls(instantiate(cfg.model.factory), init, client, defense,
-                    {name: Attack.from_config(cfg, name) for name in cfg.attack}, Evaluation.from_config(cfg))
+        parts = cls(*client_parts(cfg), {name: Attack.from_config(cfg, name) for name in cfg.attack},
+                    Evaluation.from_config(cfg))
         for node in cfg.attack.values():
-            for part in (built(node[p]) for p in ATTACK_PARTS if node.get(p)):
+            for part in (instantiate_part(node[p]) for p in ATTACK_PARTS if node.get(p)):
                 if hasattr(part, "check") and hasattr(part, "learned"):  # a label strategy
                     part.check(int(cfg.client.batch_size))
         return parts
@@ -55,12 +51,3 @@ class Parts:
     def client_side(self, dataset: TrialImages) -> ClientSide:
         return ClientSide(dataset, self.factory, self.init, self.client, self.defense)
 
-
-def built(node: DictConfig):
-    """`instantiate(node)`, a part's own ConfigError (its one line) instead of Hydra's wrapper around it."""
-    try:
-        return instantiate(node)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, ConfigError):
-            raise err.__cause__ from None
-        raise
