@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -184,15 +184,16 @@ class Recording:
     evaluation: Evaluation
     pictures_of: TrialPictures
     bars: Bars
-    statuses: list[str] = field(default_factory=list)
 
     def record(self, method: str, group: list[Trial], private: PrivateBatch, result: AttackResult, cost,
-               group_size: int | None = None, todo: list[Trial] | None = None) -> None:
+               group_size: int | None = None, todo: list[Trial] | None = None) -> list[str]:
+        """Append the records of `todo` (default: the whole group); returns their statuses."""
         todo = group if todo is None else todo
         self.store.append(self.evaluation.records(result, private, group, todo, cost, group_size))
         wanted = {t.index for t in todo}
-        self.statuses = [result.status[row] for row, t in enumerate(group) if t.index in wanted]
-        self.bars.advance(method, self.statuses)
+        statuses = [result.status[row] for row, t in enumerate(group) if t.index in wanted]
+        self.bars.advance(method, statuses)
+        return statuses
 
     def pictures(self, group: list[Trial], private: PrivateBatch, results: dict[str, AttackResult]) -> None:
         self.pictures_of.save(group, private, results)
@@ -273,8 +274,8 @@ def _attack_groups(ctx: Context, parts: Parts, clients: ClientSide, recording: R
                                       ctx.trainer_args)
             ctx.step_offset += used
             results[method] = result
-            recording.record(method, group, private, result, cost, todo=todo)
-            ctx.tell(method, todo, recording.statuses, result.seconds)
+            statuses = recording.record(method, group, private, result, cost, todo=todo)
+            ctx.tell(method, todo, statuses, result.seconds)
         recording.pictures(group, private, results)
         del private, shared, results  # on disk now: nothing of a finished group outlives it
         gc.collect()  # see attack_and_record
@@ -292,8 +293,7 @@ def _attack_streams(ctx: Context, parts: Parts, clients: ClientSide, recording: 
         todo = [t for t in trials if (method, t.index) not in ctx.done]
         if not todo:
             continue
-        stream = Stream(method, todo, slots, clients, recording, wanted, results,
-                        parts.attacks[method].progress_trials)
+        stream = Stream(method, todo, slots, clients, recording, wanted, results, attack.progress_trials)
         shared = stream.initial()
         truth = torch.stack([stream.truth(t.index) for t in stream.first])
         module, trainer = attack.fit(shared, stream.first, ctx.logger,
